@@ -1,0 +1,32 @@
+# torchwire recipes. Run them through ./just (it installs the toolchain on
+# first use), or with your own `just` after `source scripts/env.sh`.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+model := "models/torchwire-tiny"
+env := "source scripts/env.sh"
+
+# List the recipes.
+default:
+    @just --list
+
+# Build every binary (release).
+build:
+    {{env}} && cargo build --release --workspace --bins
+
+# Build and start the server on the bundled model (extra flags are passed on).
+serve *ARGS: build
+    {{env}} && exec target/release/torchwire-server --model {{model}} {{ARGS}}
+
+# Run the whole test suite: unit, parity with Hugging Face transformers, and
+# end-to-end tests against the real binaries and a real nats-server.
+test:
+    {{env}} && cargo build --workspace --bins && cargo test --workspace --no-fail-fast
+
+# Format and lint as CI expects.
+lint:
+    {{env}} && cargo fmt --all -- --check && cargo clippy --workspace --all-targets -- -D warnings
+
+# Retrain the bundled model from its corpus (about 20 minutes on 2 cores).
+train-model:
+    {{env}} && bash models/train/fetch_corpus.sh && python models/train/train.py
