@@ -1,0 +1,188 @@
+//! The transport-independent generate call: validates a request, queues it
+//! on its model's engine and yields `GenerateResponse` messages. gRPC and
+//! NATS both serve requests through this.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::{mpsc, Notify};
+use torchwire_proto::v1 as pb;
+
+use super::models::Models;
+use super::validate;
+use crate::engine::request::{Chunk, Event, Finish, FinishReason};
+use crate::error::ServerError;
+
+/// Generates for every transport; tracks streams in flight for shutdown.
+#[derive(Clone)]
+pub struct Generator {
+    models: Arc<Models>,
+    draining: Arc<AtomicBool>,
+    in_flight: Arc<InFlight>,
+}
+
+#[derive(Default)]
+struct InFlight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl Generator {
+    pub fn new(models: Arc<Models>) -> Self {
+        Self { models, draining: Arc::new(AtomicBool::new(false)), in_flight: Arc::default() }
+    }
+
+    pub fn models(&self) -> &Models {
+        &self.models
+    }
+
+    /// Validates and queues a request; the stream yields its responses.
+    pub fn generate(&self, req: &pb::GenerateRequest) -> Result<ResponseStream, ServerError> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(ServerError::ShuttingDown);
+        }
+        let engine = self.models.get(&req.model)?;
+        let request_id = if req.request_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { req.request_id.clone() };
+        let (tx, rx) = mpsc::unbounded_channel();
+        let job = validate::job(req, &engine.info, &engine.tokenizer, request_id.clone(), tx)?;
+        engine.submit(job)?;
+        self.in_flight.count.fetch_add(1, Ordering::SeqCst);
+        Ok(ResponseStream {
+            events: rx,
+            request_id,
+            model: engine.info.name.clone(),
+            done: false,
+            _guard: InFlightGuard(self.in_flight.clone()),
+        })
+    }
+
+    /// Refuses new requests from now on (UNAVAILABLE).
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Generations still streaming.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.count.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no generation is in flight, at most `grace`. Returns how
+    /// many were still running when it gave up.
+    pub async fn drain(&self, grace: Duration) -> usize {
+        let wait = async {
+            loop {
+                let idle = self.in_flight.idle.notified();
+                if self.in_flight() == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        };
+        let _ = tokio::time::timeout(grace, wait).await;
+        self.in_flight()
+    }
+}
+
+struct InFlightGuard(Arc<InFlight>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::SeqCst);
+        self.0.idle.notify_waiters();
+    }
+}
+
+/// The responses of one request. Events already waiting are merged into one
+/// message, so a slow reader gets fewer, larger messages rather than a
+/// growing backlog. Dropping it cancels the request at the next engine step.
+pub struct ResponseStream {
+    events: mpsc::UnboundedReceiver<Event>,
+    request_id: String,
+    model: String,
+    done: bool,
+    _guard: InFlightGuard,
+}
+
+impl ResponseStream {
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    fn message(&self, chunk: Chunk, finish: Option<Finish>) -> pb::GenerateResponse {
+        let mut msg = pb::GenerateResponse {
+            request_id: self.request_id.clone(),
+            model: self.model.clone(),
+            text: chunk.text,
+            token_ids: chunk.token_ids,
+            logprobs: chunk
+                .logprobs
+                .into_iter()
+                .map(|l| pb::TokenLogprob {
+                    token_id: l.token_id,
+                    logprob: l.logprob,
+                    top: l.top.into_iter().map(|(token_id, token, logprob)| pb::TopLogprob { token_id, token, logprob }).collect(),
+                })
+                .collect(),
+            ..Default::default()
+        };
+        if let Some(f) = finish {
+            msg.finish_reason = match f.reason {
+                FinishReason::Length => pb::FinishReason::Length,
+                FinishReason::StopSequence => pb::FinishReason::StopSequence,
+                FinishReason::EndOfSequence => pb::FinishReason::EndOfSequence,
+            } as i32;
+            msg.stop_sequence = f.stop_sequence.unwrap_or_default();
+            msg.usage = Some(pb::Usage { prompt_tokens: f.prompt_tokens as u32, completion_tokens: f.completion_tokens as u32 });
+            msg.timings = Some(pb::Timings {
+                queue_ms: f.queue.as_secs_f64() * 1e3,
+                time_to_first_token_ms: f.time_to_first_token.as_secs_f64() * 1e3,
+                total_ms: f.total.as_secs_f64() * 1e3,
+            });
+        }
+        msg
+    }
+}
+
+impl Stream for ResponseStream {
+    type Item = Result<pb::GenerateResponse, ServerError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let (mut chunk, mut finish) = match self.events.poll_recv(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => {
+                self.done = true;
+                return Poll::Ready(Some(Err(ServerError::EngineStopped(self.model.clone()))));
+            }
+            Poll::Ready(Some(Event::Failed(e))) => {
+                self.done = true;
+                return Poll::Ready(Some(Err(e)));
+            }
+            Poll::Ready(Some(Event::Step { chunk, finish })) => (chunk, finish),
+        };
+        // Merge whatever else is ready into this message.
+        while finish.is_none() {
+            match self.events.try_recv() {
+                Ok(Event::Step { chunk: more, finish: f }) => {
+                    chunk.token_ids.extend(more.token_ids);
+                    chunk.text.push_str(&more.text);
+                    chunk.logprobs.extend(more.logprobs);
+                    finish = f;
+                }
+                Ok(Event::Failed(e)) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Err(_) => break,
+            }
+        }
+        self.done = finish.is_some();
+        Poll::Ready(Some(Ok(self.message(chunk, finish))))
+    }
+}

@@ -1,0 +1,11 @@
+//! The request side: validation, the transport-independent generate call
+//! (shared by gRPC and NATS), and the gRPC service.
+
+pub mod generate;
+pub mod models;
+pub mod service;
+pub mod validate;
+
+pub use generate::{Generator, ResponseStream};
+pub use models::Models;
+pub use service::InferenceService;

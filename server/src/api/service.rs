@@ -1,0 +1,118 @@
+//! The gRPC service `torchwire.v1.Inference`.
+
+use std::pin::Pin;
+
+use futures::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+use torchwire_proto::v1 as pb;
+use torchwire_proto::v1::inference_server::Inference;
+
+use super::generate::Generator;
+use crate::engine::stats::Stats;
+use crate::error::ServerError;
+
+/// Implements `torchwire.v1.Inference` on top of a [`Generator`].
+pub struct InferenceService {
+    generator: Generator,
+}
+
+impl InferenceService {
+    pub fn new(generator: Generator) -> Self {
+        Self { generator }
+    }
+}
+
+type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+        let stream = self.generator.generate(request.get_ref())?;
+        Ok(Response::new(Box::pin(stream.map(|item| item.map_err(Status::from)))))
+    }
+
+    async fn complete(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
+        let mut stream = self.generator.generate(request.get_ref())?;
+        let mut whole = pb::GenerateResponse::default();
+        while let Some(msg) = stream.next().await {
+            let msg = msg?;
+            whole.text.push_str(&msg.text);
+            whole.token_ids.extend(msg.token_ids);
+            whole.logprobs.extend(msg.logprobs);
+            whole.request_id = msg.request_id;
+            whole.model = msg.model;
+            whole.finish_reason = msg.finish_reason;
+            whole.stop_sequence = msg.stop_sequence;
+            whole.usage = msg.usage;
+            whole.timings = msg.timings;
+        }
+        Ok(Response::new(whole))
+    }
+
+    async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+        let models = self.generator.models();
+        let list = models
+            .iter()
+            .map(|e| {
+                let i = &e.info;
+                pb::ModelInfo {
+                    name: i.name.clone(),
+                    architecture: i.architecture.clone(),
+                    context_length: i.context_length as u32,
+                    vocab_size: i.vocab_size as u32,
+                    device: i.device.clone(),
+                    dtype: i.dtype.clone(),
+                    parameters: i.parameters,
+                    max_batch_size: i.max_batch_size as u32,
+                    is_default: i.name == models.default_name(),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListModelsResponse { models: list }))
+    }
+
+    async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let req = request.into_inner();
+        let engine = self.generator.models().get(&req.model)?;
+        let encoding = engine
+            .tokenizer
+            .encode(req.text.as_str(), req.add_special_tokens)
+            .map_err(|e| ServerError::invalid("text", format!("cannot be tokenized: {e}")))?;
+        Ok(Response::new(pb::TokenizeResponse {
+            count: encoding.get_ids().len() as u32,
+            token_ids: encoding.get_ids().to_vec(),
+            tokens: encoding.get_tokens().to_vec(),
+            model: engine.info.name.clone(),
+        }))
+    }
+
+    async fn get_stats(&self, request: Request<pb::GetStatsRequest>) -> Result<Response<pb::GetStatsResponse>, Status> {
+        let name = request.into_inner().model;
+        let models = self.generator.models();
+        let engines: Vec<_> = if name.is_empty() { models.iter().collect() } else { vec![models.get(&name)?] };
+        let stats = engines
+            .into_iter()
+            .map(|e| {
+                let s = &e.stats;
+                let running = s.running.load(std::sync::atomic::Ordering::Relaxed);
+                pb::ModelStats {
+                    model: e.info.name.clone(),
+                    running,
+                    waiting: e.waiting() as u32,
+                    max_batch_size: e.info.max_batch_size as u32,
+                    peak_batch_size: s.peak_batch.load(std::sync::atomic::Ordering::Relaxed),
+                    decode_steps: Stats::get(&s.decode_steps),
+                    prefills: Stats::get(&s.prefills),
+                    tokens_generated: Stats::get(&s.tokens_generated),
+                    requests_finished: Stats::get(&s.finished),
+                    requests_cancelled: Stats::get(&s.cancelled),
+                    requests_rejected: Stats::get(&s.rejected),
+                    free_slots: (e.info.max_batch_size as u32).saturating_sub(running),
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::GetStatsResponse { models: stats }))
+    }
+}

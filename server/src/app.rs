@@ -1,0 +1,145 @@
+//! Wiring: bind, serve health and reflection at once (NOT_SERVING), load the
+//! models, report SERVING, then on shutdown drain within the grace period.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+use torchwire_proto::v1::inference_server::{Inference, InferenceServer};
+
+use crate::api::{Generator, InferenceService, Models};
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::error::ServerError;
+
+const INFERENCE_SERVICE: &str = "torchwire.v1.Inference";
+
+/// Runs the server until `shutdown` resolves, then drains and returns.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen_addr()?)
+        .await
+        .map_err(|e| ServerError::config("listen", format!("cannot bind {}: {e}", config.listen)))?;
+    let addr = listener.local_addr()?;
+    // The one line on stdout: tests and scripts read the bound address here.
+    println!("torchwire-server listening on {addr}");
+    std::io::stdout().flush()?;
+    tracing::info!(%addr, "listening; loading models");
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health.set_service_status(INFERENCE_SERVICE, ServingStatus::NotServing).await;
+    let (models_tx, models_rx) = tokio::sync::watch::channel(None::<Generator>);
+    let inference = InferenceServer::new(LateInference(models_rx));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_builder().build_v1()?)
+        .add_service(reflection_builder().build_v1alpha()?)
+        .add_service(inference)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+            let _ = stop_rx.await;
+        });
+    let server = tokio::spawn(server);
+
+    tokio::pin!(shutdown);
+    let generator = tokio::select! {
+        loaded = load_models(&config) => Generator::new(Arc::new(loaded?)),
+        () = &mut shutdown => {
+            tracing::info!("shutdown requested while loading");
+            return Ok(());
+        }
+    };
+    let _ = models_tx.send(Some(generator.clone()));
+    health.set_service_status("", ServingStatus::Serving).await;
+    health.set_service_status(INFERENCE_SERVICE, ServingStatus::Serving).await;
+    tracing::info!(%addr, "serving");
+
+    shutdown.await;
+    tracing::info!(in_flight = generator.in_flight(), grace_secs = config.shutdown_grace_secs, "shutting down: draining");
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health.set_service_status(INFERENCE_SERVICE, ServingStatus::NotServing).await;
+    generator.start_draining();
+    let left = generator.drain(Duration::from_secs(config.shutdown_grace_secs)).await;
+    if left > 0 {
+        tracing::warn!(in_flight = left, "grace period over; cancelling the streams left");
+    }
+    let _ = stop_tx.send(());
+    // Streams cut by the grace period may keep connections open: do not wait long.
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Loads every configured model, each on its own thread, concurrently.
+async fn load_models(config: &Config) -> Result<Models, ServerError> {
+    let starts = config.models.iter().map(|(name, m)| async move { (name.clone(), Engine::start(name, m).await) });
+    let mut engines = BTreeMap::new();
+    for (name, engine) in futures::future::join_all(starts).await {
+        engines.insert(name, engine?);
+    }
+    Ok(Models::new(engines, config.default_model_name()))
+}
+
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(torchwire_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name(INFERENCE_SERVICE)
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection")
+        .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+}
+
+/// The Inference service before the models are loaded answers UNAVAILABLE;
+/// afterwards it delegates to the real service.
+struct LateInference(tokio::sync::watch::Receiver<Option<Generator>>);
+
+impl LateInference {
+    fn service(&self) -> Result<InferenceService, tonic::Status> {
+        match self.0.borrow().as_ref() {
+            Some(g) => Ok(InferenceService::new(g.clone())),
+            None => Err(tonic::Status::unavailable("the models are still loading; watch grpc.health.v1.Health")),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Inference for LateInference {
+    type GenerateStream = <InferenceService as Inference>::GenerateStream;
+
+    async fn generate(
+        &self,
+        r: tonic::Request<torchwire_proto::v1::GenerateRequest>,
+    ) -> Result<tonic::Response<Self::GenerateStream>, tonic::Status> {
+        self.service()?.generate(r).await
+    }
+    async fn complete(
+        &self,
+        r: tonic::Request<torchwire_proto::v1::GenerateRequest>,
+    ) -> Result<tonic::Response<torchwire_proto::v1::GenerateResponse>, tonic::Status> {
+        self.service()?.complete(r).await
+    }
+    async fn list_models(
+        &self,
+        r: tonic::Request<torchwire_proto::v1::ListModelsRequest>,
+    ) -> Result<tonic::Response<torchwire_proto::v1::ListModelsResponse>, tonic::Status> {
+        self.service()?.list_models(r).await
+    }
+    async fn tokenize(
+        &self,
+        r: tonic::Request<torchwire_proto::v1::TokenizeRequest>,
+    ) -> Result<tonic::Response<torchwire_proto::v1::TokenizeResponse>, tonic::Status> {
+        self.service()?.tokenize(r).await
+    }
+    async fn get_stats(
+        &self,
+        r: tonic::Request<torchwire_proto::v1::GetStatsRequest>,
+    ) -> Result<tonic::Response<torchwire_proto::v1::GetStatsResponse>, tonic::Status> {
+        self.service()?.get_stats(r).await
+    }
+}

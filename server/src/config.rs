@@ -1,0 +1,452 @@
+//! Server configuration: built-in defaults < TOML file (`--config`, or
+//! `torchwire.toml` if present) < `TORCHWIRE_*` environment < command-line
+//! flags. Everything is checked before anything starts.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use clap::Parser;
+use figment::providers::{Format, Serialized, Toml};
+use figment::value::{Dict, Map, Value};
+use figment::{Figment, Metadata, Profile, Provider};
+use serde::{Deserialize, Serialize};
+
+use crate::error::ServerError;
+
+/// Name and path of the model that ships with the repository, served when
+/// no model is configured.
+pub const BUNDLED_MODEL: (&str, &str) = ("torchwire-tiny", "models/torchwire-tiny");
+
+/// Config file read when `--config` is not given, if it exists.
+const DEFAULT_CONFIG_FILE: &str = "torchwire.toml";
+
+/// `TORCHWIRE_*` variables that belong to other torchwire programs or to the
+/// toolchain scripts, not to the server.
+const FOREIGN_ENV_KEYS: &[&str] = &["cache", "venv", "addr"];
+
+/// Command-line flags. Each overrides the config key of the same name.
+#[derive(Debug, Default, Parser)]
+#[command(name = "torchwire-server", version, about = "Streams tokens from libtorch language models over gRPC")]
+pub struct Cli {
+    /// TOML config file (default: ./torchwire.toml if it exists).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (config: listen).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Hugging Face checkpoint directory to serve (config: models.<name>.path).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// Name to serve --model under (default: the directory's name).
+    #[arg(long, value_name = "NAME")]
+    pub model_name: Option<String>,
+    /// Device for the model: auto, cpu, cuda or cuda:N (config: models.<name>.device).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Weight dtype: float32, bfloat16 or float16 (config: models.<name>.dtype).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Sequences decoded together at most (config: models.<name>.max_batch_size).
+    #[arg(long)]
+    pub max_batch_size: Option<u32>,
+    /// Prompt + output tokens per sequence at most (config: models.<name>.max_context).
+    #[arg(long)]
+    pub max_context: Option<u32>,
+    /// KV cache budget in MiB; sizes the batch from memory (config: models.<name>.kv_cache_mib).
+    #[arg(long)]
+    pub kv_cache_mib: Option<u64>,
+    /// Requests that may wait for a batch slot (config: models.<name>.queue_size).
+    #[arg(long)]
+    pub queue_size: Option<u32>,
+    /// Torch intra-op threads (config: threads; default: all cores).
+    #[arg(long)]
+    pub threads: Option<u32>,
+    /// Seconds streams in flight may take to finish on shutdown (config: shutdown_grace_secs).
+    #[arg(long, value_name = "SECS")]
+    pub shutdown_grace: Option<u64>,
+    /// Log format: text or json (config: log_format).
+    #[arg(long)]
+    pub log_format: Option<String>,
+}
+
+/// The whole server configuration.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    pub listen: String,
+    /// The model used when a request names none (default: the first by name).
+    pub default_model: Option<String>,
+    /// Models to serve, by name.
+    pub models: BTreeMap<String, ModelConfig>,
+    /// Torch intra-op threads; unset = all cores.
+    pub threads: Option<u32>,
+    /// Seconds in-flight streams get to finish after SIGTERM/SIGINT.
+    pub shutdown_grace_secs: u64,
+    /// `text` or `json` log lines.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:50051".into(),
+            default_model: None,
+            models: BTreeMap::new(),
+            threads: None,
+            shutdown_grace_secs: 30,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// One served model.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json).
+    pub path: PathBuf,
+    /// `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
+    pub device: String,
+    /// `float32`, `bfloat16` or `float16`; unset = bfloat16 on CUDA, float32 on CPU.
+    pub dtype: Option<String>,
+    /// Sequences decoded together at most (ignored when kv_cache_mib is set).
+    pub max_batch_size: u32,
+    /// Prompt + output tokens per sequence; unset = the model's context, at most 4096.
+    pub max_context: Option<u32>,
+    /// KV cache budget in MiB; when set, the batch size is as many sequences
+    /// of max_context as fit in it.
+    pub kv_cache_mib: Option<u64>,
+    /// Requests that may wait for a slot; more are refused with RESOURCE_EXHAUSTED.
+    pub queue_size: u32,
+    /// max_new_tokens when a request leaves it unset.
+    pub default_max_new_tokens: u32,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::new(),
+            device: "auto".into(),
+            dtype: None,
+            max_batch_size: 32,
+            max_context: None,
+            kv_cache_mib: None,
+            queue_size: 64,
+            default_max_new_tokens: 128,
+        }
+    }
+}
+
+impl Config {
+    /// Loads the configuration from every source, in precedence order, and
+    /// validates it. `env` is the process environment (tests pass their own).
+    pub fn load(cli: &Cli, env: &[(String, String)]) -> Result<Self, ServerError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        match &cli.config {
+            Some(path) if !path.exists() => {
+                return Err(ServerError::config("--config", format!("{} does not exist", path.display())));
+            }
+            Some(path) => figment = figment.merge(Toml::file_exact(path)),
+            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
+                figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE))
+            }
+            None => {}
+        }
+        figment = figment.merge(EnvVars::new(env));
+        let mut config: Config = figment.extract().map_err(figment_error)?;
+        config.apply_cli(cli)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Applies the command-line flags on top of the merged sources.
+    fn apply_cli(&mut self, cli: &Cli) -> Result<(), ServerError> {
+        if let Some(listen) = &cli.listen {
+            self.listen = listen.clone();
+        }
+        if let Some(threads) = cli.threads {
+            self.threads = Some(threads);
+        }
+        if let Some(grace) = cli.shutdown_grace {
+            self.shutdown_grace_secs = grace;
+        }
+        if let Some(format) = &cli.log_format {
+            self.log_format = match format.as_str() {
+                "json" => LogFormat::Json,
+                "text" => LogFormat::Text,
+                other => {
+                    return Err(ServerError::config("--log-format", format!("expected text or json, got {other:?}")))
+                }
+            };
+        }
+        if let Some(path) = &cli.model {
+            let name = cli.model_name.clone().unwrap_or_else(|| model_name_from_path(path));
+            self.models.entry(name).or_default().path = path.clone();
+        }
+        if self.models.is_empty() {
+            let (name, path) = BUNDLED_MODEL;
+            self.models.insert(name.into(), ModelConfig { path: path.into(), ..Default::default() });
+        }
+        // Per-model flags apply to the model they name, else to every model.
+        let targets: Vec<String> = match (&cli.model_name, &cli.model) {
+            (Some(name), _) => vec![name.clone()],
+            (None, Some(path)) => vec![model_name_from_path(path)],
+            (None, None) => self.models.keys().cloned().collect(),
+        };
+        for name in targets {
+            let Some(m) = self.models.get_mut(&name) else { continue };
+            if let Some(v) = &cli.device {
+                m.device = v.clone();
+            }
+            if let Some(v) = &cli.dtype {
+                m.dtype = Some(v.clone());
+            }
+            if let Some(v) = cli.max_batch_size {
+                m.max_batch_size = v;
+            }
+            if let Some(v) = cli.max_context {
+                m.max_context = Some(v);
+            }
+            if let Some(v) = cli.kv_cache_mib {
+                m.kv_cache_mib = Some(v);
+            }
+            if let Some(v) = cli.queue_size {
+                m.queue_size = v;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks every value; the error names the offending key.
+    pub fn validate(&self) -> Result<(), ServerError> {
+        self.listen_addr()?;
+        if let Some(0) = self.threads {
+            return Err(ServerError::config("threads", "must be at least 1"));
+        }
+        if let Some(name) = &self.default_model {
+            if !self.models.contains_key(name) {
+                return Err(ServerError::config("default_model", format!("no model named {name:?} is configured")));
+            }
+        }
+        for (name, m) in &self.models {
+            let key = |field: &str| format!("models.{name}.{field}");
+            if name.is_empty() || name.contains(char::is_whitespace) {
+                return Err(ServerError::config(format!("models.{name:?}"), "model names must be non-empty without spaces"));
+            }
+            if !m.path.join("config.json").is_file() {
+                return Err(ServerError::config(
+                    key("path"),
+                    format!("{} has no config.json (expected a Hugging Face checkpoint directory)", m.path.display()),
+                ));
+            }
+            crate::model::DeviceChoice::parse(&m.device).map_err(|msg| ServerError::config(key("device"), msg))?;
+            if let Some(dtype) = &m.dtype {
+                crate::model::parse_dtype(dtype).map_err(|msg| ServerError::config(key("dtype"), msg))?;
+            }
+            if m.max_batch_size == 0 {
+                return Err(ServerError::config(key("max_batch_size"), "must be at least 1"));
+            }
+            if m.max_batch_size > 1024 {
+                return Err(ServerError::config(key("max_batch_size"), "must be at most 1024"));
+            }
+            if let Some(ctx) = m.max_context {
+                if ctx < 2 {
+                    return Err(ServerError::config(key("max_context"), "must be at least 2"));
+                }
+            }
+            if m.kv_cache_mib == Some(0) {
+                return Err(ServerError::config(key("kv_cache_mib"), "must be at least 1"));
+            }
+            if m.queue_size == 0 {
+                return Err(ServerError::config(key("queue_size"), "must be at least 1"));
+            }
+            if m.default_max_new_tokens == 0 {
+                return Err(ServerError::config(key("default_max_new_tokens"), "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The parsed listen address.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ServerError> {
+        self.listen
+            .parse()
+            .map_err(|e| ServerError::config("listen", format!("{:?} is not an address like 0.0.0.0:50051: {e}", self.listen)))
+    }
+
+    /// The name of the model used when a request names none.
+    pub fn default_model_name(&self) -> String {
+        self.default_model
+            .clone()
+            .or_else(|| self.models.keys().next().cloned())
+            .unwrap_or_default()
+    }
+}
+
+/// The `TORCHWIRE_*` environment as a figment provider: `TORCHWIRE_LISTEN`
+/// → `listen`, `TORCHWIRE_MODELS__TINY__PATH` → `models.tiny.path` (double
+/// underscores nest). Values parse as numbers and booleans where they can.
+struct EnvVars(Dict);
+
+impl EnvVars {
+    fn new(env: &[(String, String)]) -> Self {
+        let mut dict = Dict::new();
+        for (key, value) in env {
+            let Some(rest) = key.strip_prefix("TORCHWIRE_") else { continue };
+            let rest = rest.to_ascii_lowercase();
+            if FOREIGN_ENV_KEYS.contains(&rest.as_str()) || rest.starts_with("scaler_") {
+                continue;
+            }
+            let path: Vec<&str> = rest.split("__").collect();
+            let value: Value = value.parse().unwrap_or_else(|_| Value::from(value.clone()));
+            insert_nested(&mut dict, &path, value);
+        }
+        Self(dict)
+    }
+}
+
+impl Provider for EnvVars {
+    fn metadata(&self) -> Metadata {
+        Metadata::named("TORCHWIRE_* environment variables")
+    }
+
+    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
+        Ok(Profile::Default.collect(self.0.clone()))
+    }
+}
+
+fn insert_nested(dict: &mut Dict, path: &[&str], value: Value) {
+    match path {
+        [] => {}
+        [last] => {
+            dict.insert((*last).to_string(), value);
+        }
+        [head, tail @ ..] => {
+            let entry = dict.entry((*head).to_string()).or_insert_with(|| Value::from(Dict::new()));
+            if let Value::Dict(_, inner) = entry {
+                insert_nested(inner, tail, value);
+            }
+        }
+    }
+}
+
+fn figment_error(err: figment::Error) -> ServerError {
+    let key = if err.path.is_empty() { "(root)".to_string() } else { err.path.join(".") };
+    let source = err
+        .metadata
+        .as_ref()
+        .map(|m| format!(" (from {})", m.name))
+        .unwrap_or_default();
+    ServerError::config(key, format!("{}{source}", err.kind))
+}
+
+fn model_name_from_path(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty() && n != "." && n != "..")
+        .unwrap_or_else(|| "default".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A checkpoint directory with a config.json, so validation passes.
+    fn checkpoint() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        dir
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn cli_with_model(dir: &Path) -> Cli {
+        Cli { model: Some(dir.to_path_buf()), model_name: Some("m".into()), ..Default::default() }
+    }
+
+    #[test]
+    fn defaults_apply_without_any_source() {
+        let ckpt = checkpoint();
+        let config = Config::load(&cli_with_model(ckpt.path()), &[]).unwrap();
+        assert_eq!(config.listen, "0.0.0.0:50051");
+        assert_eq!(config.models["m"].max_batch_size, 32);
+        assert_eq!(config.default_model_name(), "m");
+    }
+
+    #[test]
+    fn file_then_env_then_flags_take_precedence() {
+        let ckpt = checkpoint();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            file.path(),
+            "listen = \"127.0.0.1:1\"\nthreads = 1\nshutdown_grace_secs = 5\n[models.m]\nqueue_size = 3\nmax_batch_size = 4\n",
+        )
+        .unwrap();
+        let mut cli = cli_with_model(ckpt.path());
+        cli.config = Some(file.path().to_path_buf());
+        // File only.
+        let c = Config::load(&cli, &[]).unwrap();
+        assert_eq!((c.listen.as_str(), c.threads, c.models["m"].queue_size), ("127.0.0.1:1", Some(1), 3));
+        // Env beats the file.
+        let e = env(&[("TORCHWIRE_LISTEN", "127.0.0.1:2"), ("TORCHWIRE_THREADS", "2"), ("TORCHWIRE_MODELS__M__QUEUE_SIZE", "7")]);
+        let c = Config::load(&cli, &e).unwrap();
+        assert_eq!((c.listen.as_str(), c.threads, c.models["m"].queue_size), ("127.0.0.1:2", Some(2), 7));
+        assert_eq!(c.shutdown_grace_secs, 5, "untouched keys keep the file's value");
+        // Flags beat env.
+        cli.listen = Some("127.0.0.1:3".into());
+        cli.queue_size = Some(9);
+        let c = Config::load(&cli, &e).unwrap();
+        assert_eq!((c.listen.as_str(), c.models["m"].queue_size, c.models["m"].max_batch_size), ("127.0.0.1:3", 9, 4));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let ckpt = checkpoint();
+        let cli = cli_with_model(ckpt.path());
+        let cases = [
+            (vec![("TORCHWIRE_LISTEN", "nowhere")], "listen"),
+            (vec![("TORCHWIRE_THREADS", "many")], "threads"),
+            (vec![("TORCHWIRE_MODELS__M__MAX_BATCH_SIZE", "0")], "models.m.max_batch_size"),
+            (vec![("TORCHWIRE_MODELS__M__DEVICE", "tpu")], "models.m.device"),
+            (vec![("TORCHWIRE_MODELS__M__DTYPE", "int4")], "models.m.dtype"),
+            (vec![("TORCHWIRE_DEFAULT_MODEL", "other")], "default_model"),
+            (vec![("TORCHWIRE_LISTN", "x")], "listn"),
+        ];
+        for (vars, key) in cases {
+            let err = Config::load(&cli, &env(&vars)).unwrap_err().to_string();
+            assert!(err.contains(key), "{vars:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_missing_checkpoint_is_reported_with_its_key() {
+        let cli = Cli { model: Some("/nonexistent/ckpt".into()), ..Default::default() };
+        let err = Config::load(&cli, &[]).unwrap_err().to_string();
+        assert!(err.contains("models.ckpt.path"), "{err}");
+    }
+
+    #[test]
+    fn foreign_torchwire_variables_are_ignored() {
+        let ckpt = checkpoint();
+        let e = env(&[("TORCHWIRE_CACHE", "/x"), ("TORCHWIRE_ADDR", "http://h"), ("TORCHWIRE_SCALER_LISTEN", "x")]);
+        assert!(Config::load(&cli_with_model(ckpt.path()), &e).is_ok());
+    }
+
+    #[test]
+    fn a_missing_config_file_is_an_error() {
+        let cli = Cli { config: Some("/nonexistent/torchwire.toml".into()), ..Default::default() };
+        assert!(Config::load(&cli, &[]).unwrap_err().to_string().contains("--config"));
+    }
+}

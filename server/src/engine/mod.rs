@@ -1,0 +1,177 @@
+//! The engine: one OS thread per model that owns its tensors and KV cache
+//! and runs continuous batching; requests reach it through a bounded queue.
+
+pub mod kv_cache;
+pub mod request;
+pub mod sampler;
+mod scheduler;
+pub mod stats;
+pub mod text;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::ModelConfig;
+use crate::error::ServerError;
+use crate::model::{self, DeviceChoice, Llama, LoadOptions};
+use kv_cache::KvCache;
+use request::Job;
+use stats::Stats;
+
+/// Contexts longer than this are not served unless configured explicitly.
+const DEFAULT_CONTEXT_CAP: usize = 4096;
+
+/// What a loaded model is, for ListModels and validation.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub name: String,
+    pub architecture: String,
+    pub context_length: usize,
+    pub vocab_size: usize,
+    pub device: String,
+    pub dtype: String,
+    pub parameters: u64,
+    pub max_batch_size: usize,
+    pub queue_size: usize,
+    pub default_max_new_tokens: usize,
+}
+
+/// A running model: its queue, tokenizer and counters.
+pub struct Engine {
+    pub info: ModelInfo,
+    pub tokenizer: Arc<tokenizers::Tokenizer>,
+    pub stats: Arc<Stats>,
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Engine {
+    /// Starts the model thread, which loads and warms up the model; returns
+    /// once it is ready to serve (or failed to load).
+    pub async fn start(name: &str, config: &ModelConfig) -> Result<Self, ServerError> {
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let (jobs_tx, jobs_rx) = mpsc::channel(config.queue_size as usize);
+        let stats = Arc::new(Stats::default());
+        let (name_owned, config_owned, stats_thread) = (name.to_string(), config.clone(), stats.clone());
+        std::thread::Builder::new()
+            .name(format!("model-{name}"))
+            .spawn(move || {
+                match load(&name_owned, &config_owned) {
+                    Ok((model, cache, tokenizer, info)) => {
+                        let scheduler = scheduler::Scheduler::new(
+                            name_owned, model, cache, tokenizer.clone(), jobs_rx, stats_thread,
+                        );
+                        if ready_tx.send(Ok((tokenizer, info))).is_ok() {
+                            scheduler.run();
+                        }
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                }
+            })
+            .map_err(|e| ServerError::Load { model: name.into(), path: config.path.display().to_string(), message: e.to_string() })?;
+        let (tokenizer, info) = ready_rx
+            .await
+            .map_err(|_| ServerError::EngineStopped(name.to_string()))??;
+        Ok(Self { info, tokenizer, stats, jobs: jobs_tx })
+    }
+
+    /// Queues a job; a full queue is refused at once.
+    pub fn submit(&self, job: Job) -> Result<(), ServerError> {
+        self.jobs.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                Stats::add(&self.stats.rejected, 1);
+                ServerError::Overloaded { model: self.info.name.clone(), capacity: self.info.queue_size }
+            }
+            mpsc::error::TrySendError::Closed(_) => ServerError::EngineStopped(self.info.name.clone()),
+        })
+    }
+
+    /// Requests waiting in the queue now.
+    pub fn waiting(&self) -> usize {
+        self.jobs.max_capacity() - self.jobs.capacity()
+    }
+}
+
+type Loaded = (Llama, KvCache, Arc<tokenizers::Tokenizer>, ModelInfo);
+
+/// Runs on the model thread: loads weights, tokenizer and cache, warms up.
+fn load(name: &str, config: &ModelConfig) -> Result<Loaded, ServerError> {
+    let err = |message: String| ServerError::Load {
+        model: name.to_string(),
+        path: config.path.display().to_string(),
+        message,
+    };
+    let started = std::time::Instant::now();
+    let choice = DeviceChoice::parse(&config.device).map_err(&err)?;
+    let device = choice.resolve().map_err(&err)?;
+    let kind = match &config.dtype {
+        Some(d) => model::parse_dtype(d).map_err(&err)?,
+        None if device.is_cuda() => tch::Kind::BFloat16,
+        None => tch::Kind::Float,
+    };
+    let hf = model::HfConfig::read(&config.path).map_err(&err)?;
+    let context = match config.max_context {
+        Some(c) => (c as usize).min(hf.max_position_embeddings),
+        None => hf.max_position_embeddings.min(DEFAULT_CONTEXT_CAP),
+    };
+    let tokenizer = load_tokenizer(&config.path).map_err(&err)?;
+    let model = Llama::load(&config.path, LoadOptions { device, kind, max_positions: context }).map_err(&err)?;
+    let per_sequence = KvCache::bytes_per_sequence(model.num_layers(), model.kv_heads(), context, model.head_dim(), kind);
+    let max_batch = match config.kv_cache_mib {
+        Some(mib) => {
+            let fits = (mib * 1024 * 1024 / per_sequence) as usize;
+            if fits == 0 {
+                return Err(ServerError::config(
+                    format!("models.{name}.kv_cache_mib"),
+                    format!("{mib} MiB holds no sequence of {context} tokens (one needs {:.1} MiB)", per_sequence as f64 / 1048576.0),
+                ));
+            }
+            fits.min(1024)
+        }
+        None => config.max_batch_size as usize,
+    };
+    let mut cache = KvCache::new(model.num_layers(), max_batch, model.kv_heads(), context, model.head_dim(), device, kind)
+        .map_err(|e| err(format!("allocating the KV cache ({max_batch} x {context} tokens): {e}")))?;
+    warm_up(&model, &mut cache).map_err(|e| err(format!("warm-up: {e}")))?;
+    let info = ModelInfo {
+        name: name.to_string(),
+        architecture: hf.architecture(),
+        context_length: context,
+        vocab_size: hf.vocab_size,
+        device: model::device_name(device),
+        dtype: model::dtype_name(kind).to_string(),
+        parameters: model.parameters,
+        max_batch_size: max_batch,
+        queue_size: config.queue_size as usize,
+        default_max_new_tokens: config.default_max_new_tokens as usize,
+    };
+    tracing::info!(
+        model = name,
+        device = %info.device,
+        dtype = %info.dtype,
+        parameters = info.parameters,
+        context = context,
+        max_batch = max_batch,
+        kv_cache_mib = (per_sequence * max_batch as u64) as f64 / 1048576.0,
+        load_ms = started.elapsed().as_millis() as u64,
+        "model loaded"
+    );
+    Ok((model, cache, Arc::new(tokenizer), info))
+}
+
+fn load_tokenizer(dir: &Path) -> Result<tokenizers::Tokenizer, String> {
+    let path = dir.join("tokenizer.json");
+    tokenizers::Tokenizer::from_file(&path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Runs a short prompt and a decode step so the first request does not pay
+/// for lazy initialisation (allocator, kernels).
+fn warm_up(model: &Llama, cache: &mut KvCache) -> Result<(), tch::TchError> {
+    let prompt = [0u32, 1, 2, 3];
+    let _ = model.prefill(&prompt, cache, 0, false)?;
+    let _ = model.decode(&[1], &[prompt.len()], cache)?;
+    Ok(())
+}

@@ -1,0 +1,285 @@
+//! The model thread's loop: continuous batching. At every step waiting
+//! requests join the batch (their prompt is run and their first token
+//! sampled at once), requests whose client is gone leave it, and one decode
+//! step runs every running sequence together.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tch::{Kind, Tensor};
+use tokio::sync::mpsc;
+
+use super::kv_cache::KvCache;
+use super::request::{Chunk, Event, Finish, FinishReason, Job, TokenLogprob};
+use super::sampler::{Sampled, Sampler};
+use super::stats::Stats;
+use super::text::{Decode, TextStream};
+use crate::error::ServerError;
+use crate::model::Llama;
+
+/// One running sequence; it owns cache slot `i` where `i` is its index in
+/// `Scheduler::running`.
+struct Sequence {
+    job: Job,
+    sampler: Sampler,
+    /// Prompt and generated tokens (for the repetition penalty).
+    history: Vec<u32>,
+    /// Tokens whose keys and values are in the cache.
+    cached: usize,
+    /// The last sampled token, fed at the next decode step.
+    next: u32,
+    generated: usize,
+    text: TextStream,
+    started: Instant,
+    first_token: Option<Instant>,
+}
+
+pub(super) struct Scheduler {
+    pub name: String,
+    pub model: Llama,
+    pub cache: KvCache,
+    pub tokenizer: Arc<tokenizers::Tokenizer>,
+    pub jobs: mpsc::Receiver<Job>,
+    pub stats: Arc<Stats>,
+    running: Vec<Sequence>,
+}
+
+impl Scheduler {
+    pub fn new(
+        name: String,
+        model: Llama,
+        cache: KvCache,
+        tokenizer: Arc<tokenizers::Tokenizer>,
+        jobs: mpsc::Receiver<Job>,
+        stats: Arc<Stats>,
+    ) -> Self {
+        Self { name, model, cache, tokenizer, jobs, stats, running: Vec::new() }
+    }
+
+    /// Serves jobs until every sender is gone and the batch has drained.
+    pub fn run(mut self) {
+        while self.admit() {
+            self.drop_cancelled();
+            if !self.running.is_empty() {
+                self.decode_step();
+            }
+            self.stats.running.store(self.running.len() as u32, Relaxed);
+        }
+        tracing::info!(model = %self.name, "model thread stopped");
+    }
+
+    /// Moves waiting jobs into free slots; blocks when nothing is running.
+    /// Returns false once the queue is closed and nothing is left to do.
+    fn admit(&mut self) -> bool {
+        if self.running.is_empty() {
+            match self.jobs.blocking_recv() {
+                Some(job) => self.start(job),
+                None => return false,
+            }
+        }
+        while self.running.len() < self.cache.max_batch() {
+            match self.jobs.try_recv() {
+                Ok(job) => self.start(job),
+                Err(_) => break,
+            }
+        }
+        true
+    }
+
+    /// Runs a job's prompt in the next free slot and emits its first token.
+    fn start(&mut self, job: Job) {
+        if job.events.is_closed() {
+            Stats::add(&self.stats.cancelled, 1);
+            return;
+        }
+        let started = Instant::now();
+        let slot = self.running.len();
+        let logits = self.model.prefill(&job.prompt_ids, &mut self.cache, slot, false);
+        Stats::add(&self.stats.prefills, 1);
+        let mut row = match logits.and_then(|l| Vec::<f32>::try_from(&l)) {
+            Ok(row) => row,
+            Err(e) => {
+                self.fail(job, &e.to_string());
+                return;
+            }
+        };
+        let mut seq = Sequence {
+            sampler: Sampler::new(job.params.clone()),
+            history: job.prompt_ids.clone(),
+            cached: job.prompt_ids.len(),
+            next: 0,
+            generated: 0,
+            text: TextStream::new(job.stops.clone()),
+            started,
+            first_token: None,
+            job,
+        };
+        let sampled = seq.sampler.sample(&mut row, &seq.history);
+        if !self.emit(&mut seq, sampled) {
+            self.running.push(seq);
+        }
+    }
+
+    /// One decode step over the whole batch.
+    fn decode_step(&mut self) {
+        let tokens: Vec<u32> = self.running.iter().map(|s| s.next).collect();
+        let positions: Vec<usize> = self.running.iter().map(|s| s.cached).collect();
+        let batch = tokens.len();
+        let sampled = self
+            .model
+            .decode(&tokens, &positions, &mut self.cache)
+            .and_then(|logits| self.sample_batch(&logits));
+        let sampled = match sampled {
+            Ok(s) => s,
+            Err(e) => {
+                let message = e.to_string();
+                for seq in std::mem::take(&mut self.running) {
+                    self.fail(seq.job, &message);
+                }
+                return;
+            }
+        };
+        self.stats.record_step(batch);
+        // Taken out while emitting so that `emit` may borrow the scheduler.
+        let mut running = std::mem::take(&mut self.running);
+        let mut done = Vec::new();
+        for (i, (seq, s)) in running.iter_mut().zip(sampled).enumerate() {
+            seq.cached += 1;
+            if self.emit(seq, s) {
+                done.push(i);
+            }
+        }
+        self.running = running;
+        for i in done.into_iter().rev() {
+            self.remove(i);
+        }
+    }
+
+    /// Samples one token per row of `logits` (`[B, vocab]`, float32). Plain
+    /// greedy batches take an argmax on the device and copy only the ids.
+    fn sample_batch(&mut self, logits: &Tensor) -> Result<Vec<Sampled>, tch::TchError> {
+        if self.running.iter().all(|s| s.sampler.params().is_plain_argmax()) {
+            let ids = Vec::<i64>::try_from(&logits.f_argmax(-1, false)?.f_to_kind(Kind::Int64)?)?;
+            return Ok(ids.into_iter().map(|t| Sampled { token: t as u32, logprob: None, top: Vec::new() }).collect());
+        }
+        let vocab = logits.size()[1] as usize;
+        let mut all = Vec::<f32>::try_from(&logits.f_flatten(0, -1)?)?;
+        Ok(self
+            .running
+            .iter_mut()
+            .zip(all.chunks_mut(vocab))
+            .map(|(seq, row)| seq.sampler.sample(row, &seq.history))
+            .collect())
+    }
+
+    /// Records a sampled token and sends it. Returns true when the sequence
+    /// is finished (or its client is gone).
+    fn emit(&mut self, seq: &mut Sequence, sampled: Sampled) -> bool {
+        let token = sampled.token;
+        seq.generated += 1;
+        seq.history.push(token);
+        seq.next = token;
+        Stats::add(&self.stats.tokens_generated, 1);
+        let now = Instant::now();
+        let first = *seq.first_token.get_or_insert(now);
+
+        let tokenizer: &dyn Decode = self.tokenizer.as_ref();
+        let mut chunk = Chunk { token_ids: vec![token], ..Default::default() };
+        if let Some(logprob) = sampled.logprob {
+            let top = sampled.top.iter().map(|&(id, lp)| (id, tokenizer.decode(&[id]), lp)).collect();
+            chunk.logprobs.push(TokenLogprob { token_id: token, logprob, top });
+        }
+        let eos = !seq.job.ignore_eos && self.model.eos_token_ids.contains(&token);
+        let mut reason = None;
+        let mut stop_sequence = None;
+        if eos {
+            chunk.text = seq.text.finish(tokenizer);
+            reason = Some(FinishReason::EndOfSequence);
+        } else {
+            let delta = seq.text.push(token, tokenizer);
+            chunk.text = delta.text;
+            if delta.stop.is_some() {
+                stop_sequence = delta.stop;
+                reason = Some(FinishReason::StopSequence);
+            } else if seq.generated >= seq.job.max_new_tokens {
+                chunk.text.push_str(&seq.text.finish(tokenizer));
+                reason = Some(FinishReason::Length);
+            }
+        }
+        let finish = reason.map(|reason| {
+            let arrived = seq.job.arrived;
+            let finish = Finish {
+                reason,
+                stop_sequence,
+                prompt_tokens: seq.job.prompt_ids.len(),
+                completion_tokens: seq.generated,
+                queue: seq.started.saturating_duration_since(arrived),
+                time_to_first_token: first.saturating_duration_since(arrived),
+                total: now.saturating_duration_since(arrived),
+            };
+            self.log_finish(&seq.job, &finish);
+            Stats::add(&self.stats.finished, 1);
+            finish
+        });
+        let done = finish.is_some();
+        if seq.job.events.send(Event::Step { chunk, finish }).is_err() && !done {
+            self.log_cancel(&seq.job, seq.generated);
+            return true;
+        }
+        done
+    }
+
+    /// Removes sequences whose client has gone away, freeing their slots.
+    fn drop_cancelled(&mut self) {
+        for i in (0..self.running.len()).rev() {
+            if self.running[i].job.events.is_closed() {
+                let generated = self.running[i].generated;
+                self.log_cancel(&self.running[i].job, generated);
+                self.remove(i);
+            }
+        }
+    }
+
+    /// Takes sequence `i` out of the batch; the last sequence moves into its slot.
+    fn remove(&mut self, i: usize) {
+        let last = self.running.len() - 1;
+        self.running.swap_remove(i);
+        if i != last {
+            let cached = self.running[i].cached;
+            if let Err(e) = self.cache.move_slot(last, i, cached) {
+                let seq = self.running.swap_remove(i);
+                self.fail(seq.job, &e.to_string());
+            }
+        }
+    }
+
+    fn fail(&self, job: Job, message: &str) {
+        tracing::error!(model = %self.name, request_id = %job.request_id, error = %message, "request failed");
+        let err = ServerError::Compute { model: self.name.clone(), message: message.to_string() };
+        let _ = job.events.send(Event::Failed(err));
+    }
+
+    fn log_finish(&self, job: &Job, f: &Finish) {
+        tracing::info!(
+            request_id = %job.request_id,
+            model = %self.name,
+            prompt_tokens = f.prompt_tokens,
+            completion_tokens = f.completion_tokens,
+            queue_ms = ms(f.queue),
+            ttft_ms = ms(f.time_to_first_token),
+            total_ms = ms(f.total),
+            finish_reason = f.reason.as_str(),
+            "request finished"
+        );
+    }
+
+    fn log_cancel(&self, job: &Job, generated: usize) {
+        Stats::add(&self.stats.cancelled, 1);
+        tracing::info!(request_id = %job.request_id, model = %self.name, completion_tokens = generated, "request cancelled by the client");
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    (d.as_secs_f64() * 1e5).round() / 100.0
+}

@@ -1,0 +1,82 @@
+//! The server's one error type, and its single mapping to a gRPC status.
+
+use tonic::{Code, Status};
+
+/// Everything that can go wrong serving a request or starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The request is malformed; `field` names the offending request field.
+    #[error("{field}: {message}")]
+    InvalidArgument { field: &'static str, message: String },
+    /// No model is served under this name.
+    #[error("model: no model named {0:?} is served (see ListModels)")]
+    ModelNotFound(String),
+    /// The model's request queue is full.
+    #[error("the request queue of model {model:?} is full ({capacity} waiting); retry later")]
+    Overloaded { model: String, capacity: usize },
+    /// The server is shutting down and takes no new requests.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// The model thread is gone (it failed or stopped).
+    #[error("model {0:?} is not running")]
+    EngineStopped(String),
+    /// A tensor operation failed (e.g. out of memory) while running a request.
+    #[error("model {model:?} failed: {message}")]
+    Compute { model: String, message: String },
+    /// The model files could not be loaded.
+    #[error("loading model {model:?} from {path}: {message}")]
+    Load { model: String, path: String, message: String },
+    /// The tokenizer rejected the input or output.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A configuration value is invalid; `key` names it.
+    #[error("config {key}: {message}")]
+    Config { key: String, message: String },
+}
+
+impl ServerError {
+    /// Shorthand for [`ServerError::InvalidArgument`].
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Self::InvalidArgument { field, message: message.into() }
+    }
+
+    /// Shorthand for [`ServerError::Config`].
+    pub fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Config { key: key.into(), message: message.into() }
+    }
+
+    /// The gRPC status code this error is reported with, on every transport.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidArgument { .. } | Self::Tokenizer(_) => Code::InvalidArgument,
+            Self::ModelNotFound(_) => Code::NotFound,
+            Self::Overloaded { .. } => Code::ResourceExhausted,
+            Self::ShuttingDown | Self::EngineStopped(_) => Code::Unavailable,
+            Self::Compute { .. } | Self::Load { .. } | Self::Config { .. } => Code::Internal,
+        }
+    }
+}
+
+impl From<ServerError> for Status {
+    fn from(err: ServerError) -> Self {
+        Status::new(err.code(), err.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_argument_names_the_field() {
+        let status = Status::from(ServerError::invalid("top_p", "must be in (0, 1], got 1.5"));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().starts_with("top_p: "), "{}", status.message());
+    }
+
+    #[test]
+    fn overload_is_resource_exhausted() {
+        let err = ServerError::Overloaded { model: "m".into(), capacity: 4 };
+        assert_eq!(Status::from(err).code(), Code::ResourceExhausted);
+    }
+}

@@ -1,0 +1,10 @@
+//! torchwire-server: streams tokens from libtorch Llama-family models over
+//! gRPC, with continuous batching on a model thread per model.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod model;
+pub mod telemetry;

@@ -1,0 +1,52 @@
+//! torchwire-server: parse config, start logging, serve until SIGTERM/SIGINT.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use torchwire_server::config::{Cli, Config};
+use torchwire_server::{app, model, telemetry};
+
+/// Exit status for a bad configuration (EX_USAGE), as linkerd does.
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let env: Vec<(String, String)> = std::env::vars().collect();
+    let config = match Config::load(&cli, &env) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("torchwire-server: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    telemetry::init(config.log_format);
+    let cuda = model::load_cuda_runtime();
+    if let Some(threads) = config.threads {
+        tch::set_num_threads(threads as i32);
+    }
+    tracing::info!(cuda_runtime = cuda, cuda_available = tch::Cuda::is_available(), threads = tch::get_num_threads(), "starting");
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("torchwire-server: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(app::run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("torchwire-server: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,251 @@
+//! The Llama-family decoder (Llama 2/3, TinyLlama, SmolLM, Qwen2, Mistral
+//! without sliding windows) written with tch ops: RMSNorm, rotary
+//! embeddings, grouped-query attention over a slot-based KV cache, SwiGLU MLP.
+//! q/k/v and gate/up projections are fused into one matmul each.
+
+use std::path::Path;
+
+use tch::{Device, Kind, TchError, Tensor};
+
+use super::hf_config::{GenerationConfig, HfConfig};
+use super::rope::{self, RopeTables};
+use super::weights::Weights;
+use crate::engine::kv_cache::KvCache;
+
+/// How to load a checkpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    pub device: Device,
+    pub kind: Kind,
+    /// Positions the rotary tables cover (the serving context length).
+    pub max_positions: usize,
+}
+
+struct Layer {
+    input_norm: Tensor,
+    qkv: Tensor,
+    qkv_bias: Option<Tensor>,
+    o: Tensor,
+    post_norm: Tensor,
+    gate_up: Tensor,
+    down: Tensor,
+}
+
+/// A loaded decoder, ready to run on its device.
+pub struct Llama {
+    pub config: HfConfig,
+    /// End-of-sequence token ids (from generation_config.json, else config.json).
+    pub eos_token_ids: Vec<u32>,
+    pub device: Device,
+    pub kind: Kind,
+    pub parameters: u64,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    rope: RopeTables,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+}
+
+impl Llama {
+    /// Loads `dir` (config.json, safetensors, generation_config.json).
+    pub fn load(dir: &Path, opts: LoadOptions) -> Result<Self, String> {
+        let config = HfConfig::read(dir)?;
+        let generation = GenerationConfig::read(dir)?;
+        let eos_token_ids = generation
+            .eos_token_id
+            .as_ref()
+            .or(config.eos_token_id.as_ref())
+            .map(|ids| ids.to_vec())
+            .unwrap_or_default();
+        let _guard = tch::no_grad_guard();
+        let mut w = Weights::load(dir, opts.device, opts.kind)?;
+        let mut parameters = 0u64;
+        let mut count = |t: &Tensor| parameters += t.numel() as u64;
+
+        let embed = w.take("model.embed_tokens.weight")?;
+        count(&embed);
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = |name: &str| format!("model.layers.{i}.{name}");
+            let q = w.take(&p("self_attn.q_proj.weight"))?;
+            let k = w.take(&p("self_attn.k_proj.weight"))?;
+            let v = w.take(&p("self_attn.v_proj.weight"))?;
+            let qkv_bias = if config.qkv_bias() {
+                let qb = w.take(&p("self_attn.q_proj.bias"))?;
+                let kb = w.take(&p("self_attn.k_proj.bias"))?;
+                let vb = w.take(&p("self_attn.v_proj.bias"))?;
+                Some(Tensor::cat(&[qb, kb, vb], 0))
+            } else {
+                None
+            };
+            let gate = w.take(&p("mlp.gate_proj.weight"))?;
+            let up = w.take(&p("mlp.up_proj.weight"))?;
+            let layer = Layer {
+                input_norm: w.take(&p("input_layernorm.weight"))?,
+                qkv: Tensor::cat(&[q, k, v], 0),
+                qkv_bias,
+                o: w.take(&p("self_attn.o_proj.weight"))?,
+                post_norm: w.take(&p("post_attention_layernorm.weight"))?,
+                gate_up: Tensor::cat(&[gate, up], 0),
+                down: w.take(&p("mlp.down_proj.weight"))?,
+            };
+            for t in [&layer.input_norm, &layer.qkv, &layer.o, &layer.post_norm, &layer.gate_up, &layer.down] {
+                count(t);
+            }
+            if let Some(b) = &layer.qkv_bias {
+                count(b);
+            }
+            // Llama checkpoints with attention_bias also carry an o_proj bias.
+            if let Some(bias) = w.take_optional(&p("self_attn.o_proj.bias")) {
+                if bias.abs().max().double_value(&[]) != 0.0 {
+                    return Err(format!("layer {i}: a non-zero o_proj bias is not supported"));
+                }
+            }
+            layers.push(layer);
+        }
+        let norm = w.take("model.norm.weight")?;
+        count(&norm);
+        let lm_head = match w.take_optional("lm_head.weight") {
+            Some(head) if !config.tie_word_embeddings => {
+                count(&head);
+                head
+            }
+            _ => embed.shallow_clone(),
+        };
+        // Rotary inv-freq buffers are recomputed from the config.
+        let leftover: Vec<&str> = w.remaining().into_iter().filter(|n| !n.ends_with("rotary_emb.inv_freq")).collect();
+        if !leftover.is_empty() {
+            tracing::warn!(tensors = ?leftover, "checkpoint tensors not used by the decoder");
+        }
+        let rope = RopeTables::new(&config, opts.max_positions, opts.device, opts.kind);
+        Ok(Self {
+            heads: config.num_attention_heads as i64,
+            kv_heads: config.num_kv_heads() as i64,
+            head_dim: config.head_dim() as i64,
+            eos_token_ids,
+            device: opts.device,
+            kind: opts.kind,
+            parameters,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            config,
+        })
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn kv_heads(&self) -> usize {
+        self.kv_heads as usize
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.head_dim as usize
+    }
+
+    /// Runs a prompt for the sequence in `slot`, filling its cache entries
+    /// `0..tokens.len()`. Returns float32 logits: of the last position
+    /// (`[vocab]`), or of every position (`[T, vocab]`) when `all_positions`.
+    pub fn prefill(&self, tokens: &[u32], cache: &mut KvCache, slot: usize, all_positions: bool) -> Result<Tensor, TchError> {
+        let _guard = tch::no_grad_guard();
+        let t = tokens.len() as i64;
+        let ids = ids_tensor(tokens, self.device)?.f_view([1, t])?;
+        let cos = self.rope.cos.f_narrow(0, 0, t)?.f_view([1, t, 1, self.head_dim])?;
+        let sin = self.rope.sin.f_narrow(0, 0, t)?.f_view([1, t, 1, self.head_dim])?;
+        let mut h = Tensor::f_embedding(&self.embed, &ids, -1, false, false)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (q, k, v) = self.attention_inputs(layer, &h, &cos, &sin)?;
+            cache.write_prompt(i, slot, &k, &v)?;
+            // A fresh prompt attends only to itself: plain causal attention.
+            let attn = Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, true)?;
+            h = self.finish_layer(layer, h, &attn)?;
+        }
+        let h = if all_positions { h.f_squeeze_dim(0)? } else { h.f_select(1, t - 1)?.f_squeeze_dim(0)? };
+        self.logits(&h)
+    }
+
+    /// One decode step for the sequences in slots `0..B`: `tokens[b]` is fed
+    /// at position `positions[b]`. Returns float32 logits `[B, vocab]`.
+    pub fn decode(&self, tokens: &[u32], positions: &[usize], cache: &mut KvCache) -> Result<Tensor, TchError> {
+        let _guard = tch::no_grad_guard();
+        let b = tokens.len() as i64;
+        let ids = ids_tensor(tokens, self.device)?.f_view([b, 1])?;
+        let pos: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
+        let pos_t = Tensor::from_slice(&pos).f_to_device(self.device)?;
+        let cos = self.rope.cos.f_index_select(0, &pos_t)?.f_view([b, 1, 1, self.head_dim])?;
+        let sin = self.rope.sin.f_index_select(0, &pos_t)?.f_view([b, 1, 1, self.head_dim])?;
+        // Each sequence sees its own prefix: positions 0..=pos[b].
+        let len = pos.iter().max().copied().unwrap_or(0) + 1;
+        let mask = Tensor::f_arange(len, (Kind::Int64, self.device))?
+            .f_view([1, len])?
+            .f_le_tensor(&pos_t.f_view([b, 1])?)?
+            .f_view([b, 1, 1, len])?;
+        let slots = Tensor::f_arange(b, (Kind::Int64, self.device))?;
+        let mut h = Tensor::f_embedding(&self.embed, &ids, -1, false, false)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (q, k, v) = self.attention_inputs(layer, &h, &cos, &sin)?;
+            cache.write_step(i, &slots, &pos_t, &k, &v)?;
+            let (keys, values) = cache.view(i, b, len)?;
+            let attn = Tensor::f_scaled_dot_product_attention(&q, &keys, &values, Some(&mask), 0.0, false, None, true)?;
+            h = self.finish_layer(layer, h, &attn)?;
+        }
+        self.logits(&h.f_squeeze_dim(1)?)
+    }
+
+    /// Norm, fused q/k/v projection and rotary embedding. Returns q, k, v as
+    /// `[B, heads, T, head_dim]`.
+    fn attention_inputs(&self, layer: &Layer, h: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor), TchError> {
+        let (b, t) = (h.size()[0], h.size()[1]);
+        let x = self.rms_norm(h, &layer.input_norm)?;
+        let qkv = x
+            .f_linear(&layer.qkv, layer.qkv_bias.as_ref())?
+            .f_view([b, t, self.heads + 2 * self.kv_heads, self.head_dim])?;
+        // Rotate q and k together: one set of ops for both.
+        let qk = rope::apply(&qkv.f_narrow(2, 0, self.heads + self.kv_heads)?, cos, sin)?;
+        let q = qk.f_narrow(2, 0, self.heads)?.f_transpose(1, 2)?;
+        let k = qk.f_narrow(2, self.heads, self.kv_heads)?.f_transpose(1, 2)?;
+        let v = qkv.f_narrow(2, self.heads + self.kv_heads, self.kv_heads)?.f_transpose(1, 2)?;
+        Ok((q, k, v))
+    }
+
+    /// Output projection, residual, and the SwiGLU MLP with its residual.
+    fn finish_layer(&self, layer: &Layer, h: Tensor, attn: &Tensor) -> Result<Tensor, TchError> {
+        let (b, t) = (h.size()[0], h.size()[1]);
+        let attn = attn.f_transpose(1, 2)?.f_reshape([b, t, self.heads * self.head_dim])?;
+        let h = h.f_add(&attn.f_linear::<Tensor>(&layer.o, None)?)?;
+        let x = self.rms_norm(&h, &layer.post_norm)?;
+        let gate_up = x.f_linear::<Tensor>(&layer.gate_up, None)?;
+        let halves = gate_up.f_chunk(2, -1)?;
+        let act = halves[0].f_silu()?.f_mul(&halves[1])?;
+        h.f_add(&act.f_linear::<Tensor>(&layer.down, None)?)
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor, TchError> {
+        if self.kind == Kind::Float {
+            return x.f_rms_norm([self.config.hidden_size as i64], Some(weight), self.config.rms_norm_eps);
+        }
+        // Half precision: normalise in float32 as transformers does, then scale.
+        let normed = x
+            .f_to_kind(Kind::Float)?
+            .f_rms_norm::<Tensor>([self.config.hidden_size as i64], None, self.config.rms_norm_eps)?
+            .f_to_kind(self.kind)?;
+        normed.f_mul(weight)
+    }
+
+    fn logits(&self, h: &Tensor) -> Result<Tensor, TchError> {
+        let x = self.rms_norm(h, &self.norm)?;
+        x.f_linear::<Tensor>(&self.lm_head, None)?.f_to_kind(Kind::Float)
+    }
+}
+
+fn ids_tensor(tokens: &[u32], device: Device) -> Result<Tensor, TchError> {
+    let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
+    Tensor::from_slice(&ids).f_to_device(device)
+}

@@ -1,0 +1,113 @@
+//! The model: a native Llama-family decoder on tch ops, its Hugging Face
+//! checkpoint loader, and device / dtype selection.
+
+mod hf_config;
+mod llama;
+mod rope;
+mod weights;
+
+pub use hf_config::{GenerationConfig, HfConfig};
+pub use llama::{Llama, LoadOptions};
+
+use tch::{Device, Kind};
+
+/// Where a model runs, as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceChoice {
+    /// CUDA device 0 when available, else CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceChoice {
+    /// Parses `auto`, `cpu`, `cuda` or `cuda:N`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("expected auto, cpu, cuda or cuda:N, got {other:?}")),
+        }
+    }
+
+    /// The tch device, checking that CUDA devices exist.
+    pub fn resolve(self) -> Result<Device, String> {
+        match self {
+            Self::Auto if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+            Self::Auto | Self::Cpu => Ok(Device::Cpu),
+            Self::Cuda(n) => {
+                let count = tch::Cuda::device_count() as usize;
+                if n < count {
+                    Ok(Device::Cuda(n))
+                } else {
+                    Err(format!("cuda:{n} requested but {count} CUDA device(s) are available"))
+                }
+            }
+        }
+    }
+}
+
+/// Parses a dtype name as used in Hugging Face configs.
+pub fn parse_dtype(s: &str) -> Result<Kind, String> {
+    match s {
+        "float32" | "f32" | "fp32" => Ok(Kind::Float),
+        "bfloat16" | "bf16" => Ok(Kind::BFloat16),
+        "float16" | "f16" | "fp16" | "half" => Ok(Kind::Half),
+        other => Err(format!("expected float32, bfloat16 or float16, got {other:?}")),
+    }
+}
+
+/// The name of a dtype, as reported by ListModels.
+pub fn dtype_name(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Float => "float32",
+        Kind::BFloat16 => "bfloat16",
+        Kind::Half => "float16",
+        _ => "other",
+    }
+}
+
+/// The name of a device, as reported by ListModels.
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cuda(n) => format!("cuda:{n}"),
+        _ => "cpu".into(),
+    }
+}
+
+/// Makes CUDA visible to libtorch. The linker drops `libtorch_cuda.so` from
+/// the binary's dependencies (nothing references it directly), so without
+/// loading it by hand `tch::Cuda::is_available()` is false even on a GPU
+/// machine. Skipped where no NVIDIA driver is present; failure just means CPU.
+pub fn load_cuda_runtime() -> bool {
+    if !std::path::Path::new("/proc/driver/nvidia").exists() && !std::path::Path::new("/dev/nvidiactl").exists() {
+        return false;
+    }
+    // SAFETY: dlopen with a NUL-terminated constant name; the handle is
+    // intentionally leaked so the library stays loaded for the process.
+    let handle = unsafe { libc::dlopen(c"libtorch_cuda.so".as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+    !handle.is_null()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_choice_parses() {
+        assert_eq!(DeviceChoice::parse("cuda:1"), Ok(DeviceChoice::Cuda(1)));
+        assert_eq!(DeviceChoice::parse("cuda"), Ok(DeviceChoice::Cuda(0)));
+        assert!(DeviceChoice::parse("tpu").unwrap_err().contains("tpu"));
+    }
+
+    #[test]
+    fn dtype_parses() {
+        assert_eq!(parse_dtype("bf16"), Ok(Kind::BFloat16));
+        assert!(parse_dtype("int8").is_err());
+    }
+}
