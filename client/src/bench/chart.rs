@@ -1,0 +1,197 @@
+//! The SVG chart `--chart` writes: output throughput (left) and latency
+//! percentiles (right, log scale) against concurrency or arrival rate.
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+use super::{BenchReport, Load, Percentiles};
+use crate::Error;
+
+const FONT: &str = "sans-serif";
+
+/// Writes the chart of `report` to `path` (SVG; the extension must be `.svg`).
+pub fn write(report: &BenchReport, path: &Path) -> Result<(), Error> {
+    let fail = |message: String| Error::Write {
+        path: path.to_path_buf(),
+        message,
+    };
+    match path.extension().and_then(|e| e.to_str()) {
+        Some(ext) if ext.eq_ignore_ascii_case("svg") => {}
+        _ => return Err(fail("only .svg charts are supported".into())),
+    }
+    draw(report, path).map_err(|e| fail(e.to_string()))
+}
+
+type DrawResult = Result<(), Box<dyn std::error::Error>>;
+
+fn draw(report: &BenchReport, path: &Path) -> DrawResult {
+    let root = SVGBackend::new(path, (1200, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let title = match &report.label {
+        Some(label) => format!("torchwire bench: {label}"),
+        None => "torchwire bench".to_string(),
+    };
+    let subtitle = format!(
+        "{} prompt tokens, {} output tokens, {}",
+        report.prompt_tokens_actual,
+        report.config.output_tokens,
+        report
+            .model_info
+            .as_ref()
+            .map(|m| m.name.as_str())
+            .unwrap_or("default model"),
+    );
+    let root = root.titled(&format!("{title}  ({subtitle})"), (FONT, 20))?;
+    let (left, right) = root.split_horizontally(600);
+
+    let x_desc = match report.levels.first().map(|l| l.load) {
+        Some(Load::Rate(_)) => "request rate (req/s)",
+        _ => "concurrency",
+    };
+    let xs: Vec<f64> = report.levels.iter().map(|l| l.load.x()).collect();
+    let (x_lo, x_hi) = padded_log_range(&xs);
+
+    // Throughput.
+    let tps: Vec<(f64, f64)> = report
+        .levels
+        .iter()
+        .map(|l| (l.load.x(), l.output_tokens_per_s))
+        .collect();
+    let y_max = tps.iter().map(|p| p.1).fold(0.0, f64::max).max(1.0) * 1.15;
+    let mut chart = ChartBuilder::on(&left)
+        .caption("output throughput", (FONT, 16))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((x_lo..x_hi).log_scale(), 0.0..y_max)?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc("output tokens/s")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .draw()?;
+    series(&mut chart, &tps, BLUE, "output tokens/s")?;
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+
+    // Latency.
+    let pick = |f: fn(&super::LevelResult) -> Option<Percentiles>,
+                p: fn(&Percentiles) -> f64|
+     -> Vec<(f64, f64)> {
+        report
+            .levels
+            .iter()
+            .filter_map(|l| f(l).map(|v| (l.load.x(), p(&v))))
+            .filter(|&(_, y)| y > 0.0)
+            .collect()
+    };
+    let lines = [
+        ("TTFT p50", pick(|l| l.ttft_ms, |p| p.p50), RED),
+        ("TTFT p99", pick(|l| l.ttft_ms, |p| p.p99), MAGENTA),
+        ("TPOT p50", pick(|l| l.tpot_ms, |p| p.p50), GREEN),
+        ("ITL p99", pick(|l| l.itl_ms, |p| p.p99), CYAN),
+    ];
+    let ys: Vec<f64> = lines
+        .iter()
+        .flat_map(|(_, pts, _)| pts.iter().map(|p| p.1))
+        .collect();
+    let (y_lo, y_hi) = padded_log_range(&ys);
+    let mut chart = ChartBuilder::on(&right)
+        .caption("latency (client side)", (FONT, 16))
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((x_lo..x_hi).log_scale(), (y_lo..y_hi).log_scale())?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc("milliseconds")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y}"))
+        .draw()?;
+    for (name, points, color) in &lines {
+        series(&mut chart, points, *color, name)?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()?;
+
+    root.present()?;
+    Ok(())
+}
+
+/// A line with a dot at each point, and its legend entry.
+fn series<'a, DB, X, Y>(
+    chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    points: &[(f64, f64)],
+    color: RGBColor,
+    name: &str,
+) -> DrawResult
+where
+    DB: DrawingBackend + 'a,
+    DB::ErrorType: 'static,
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
+    chart
+        .draw_series(LineSeries::new(
+            points.iter().copied(),
+            color.stroke_width(2),
+        ))?
+        .label(name)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+    Ok(())
+}
+
+/// A positive range around `values` with some room on each side, wide
+/// enough for a log axis even with a single value.
+fn padded_log_range(values: &[f64]) -> (f64, f64) {
+    let positive = values.iter().copied().filter(|v| *v > 0.0);
+    let lo = positive.clone().fold(f64::INFINITY, f64::min);
+    let hi = positive.fold(0.0, f64::max);
+    if !lo.is_finite() || hi <= 0.0 {
+        return (0.1, 10.0);
+    }
+    (lo / 1.5, hi * 1.5)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bench::report::tests::sample_report;
+
+    #[test]
+    fn writes_an_svg_with_both_panels() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bench.svg");
+        write(&sample_report(), &path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg"), "{}", &svg[..svg.len().min(200)]);
+        assert!(svg.contains("output throughput"));
+        assert!(svg.contains("TTFT p50"));
+        assert!(svg.contains("concurrency"));
+    }
+
+    #[test]
+    fn refuses_other_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = write(&sample_report(), &dir.path().join("bench.png")).unwrap_err();
+        assert!(err.to_string().contains(".svg"), "{err}");
+    }
+
+    #[test]
+    fn log_ranges_are_never_empty() {
+        assert_eq!(padded_log_range(&[]), (0.1, 10.0));
+        let (lo, hi) = padded_log_range(&[4.0]);
+        assert!(lo < 4.0 && hi > 4.0);
+        let (lo, hi) = padded_log_range(&[0.0, 1.0, 16.0]);
+        assert!(lo > 0.0 && lo < 1.0 && hi > 16.0);
+    }
+}

@@ -1,0 +1,238 @@
+//! `Client`: one HTTP/2 channel to a torchwire server, shared by the
+//! inference and health stubs. Cloning is cheap and every clone multiplexes
+//! its calls over the same connection.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::Streaming;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use torchwire_proto::v1::inference_client::InferenceClient;
+use torchwire_proto::v1::{
+    GenerateRequest, GenerateResponse, GetStatsRequest, GetStatsResponse, ListModelsRequest,
+    ListModelsResponse, TokenizeRequest, TokenizeResponse,
+};
+
+use crate::Error;
+
+/// Where the CLI connects when neither `--addr` nor `TORCHWIRE_ADDR` is set.
+pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
+
+/// How long to wait for the TCP (and TLS) handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS settings; all empty means plaintext unless the address is `https://`.
+#[derive(Debug, Clone, Default)]
+pub struct TlsOptions {
+    /// PEM file with the CA certificate(s) that sign the server's certificate.
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate, for servers that require mutual TLS.
+    pub cert: Option<PathBuf>,
+    /// PEM private key of `cert`.
+    pub key: Option<PathBuf>,
+    /// Name to verify the server certificate against, if not the address's host.
+    pub domain: Option<String>,
+}
+
+impl TlsOptions {
+    /// Whether any TLS option was given.
+    pub fn is_set(&self) -> bool {
+        self.ca.is_some() || self.cert.is_some() || self.key.is_some() || self.domain.is_some()
+    }
+
+    fn config(&self) -> Result<ClientTlsConfig, Error> {
+        let mut config = ClientTlsConfig::new();
+        config = match &self.ca {
+            Some(ca) => config.ca_certificate(Certificate::from_pem(read(ca)?)),
+            None => config.with_enabled_roots(),
+        };
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                config = config.identity(Identity::from_pem(read(cert)?, read(key)?))
+            }
+            (None, None) => {}
+            _ => {
+                return Err(Error::TlsOptions(
+                    "a client certificate and its key must be given together",
+                ))
+            }
+        }
+        if let Some(domain) = &self.domain {
+            config = config.domain_name(domain.clone());
+        }
+        Ok(config)
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|source| Error::TlsFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// A connected client for one torchwire server.
+#[derive(Debug, Clone)]
+pub struct Client {
+    inference: InferenceClient<Channel>,
+    health: HealthClient<Channel>,
+}
+
+impl Client {
+    /// Connects to `addr` (`http://host:port`, `https://host:port`, or a bare
+    /// `host:port`, which means https when TLS options are set).
+    pub async fn connect(addr: &str, tls: &TlsOptions) -> Result<Self, Error> {
+        let uri = with_scheme(addr, tls.is_set());
+        let mut endpoint = Endpoint::from_shared(uri.clone())
+            .map_err(|source| Error::InvalidAddress {
+                addr: addr.to_string(),
+                source,
+            })?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .tcp_nodelay(true);
+        if tls.is_set() || uri.starts_with("https://") {
+            endpoint = endpoint
+                .tls_config(tls.config()?)
+                .map_err(|source| Error::Tls { source })?;
+        }
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|source| Error::Connect { addr: uri, source })?;
+        Ok(Self::from_channel(channel))
+    }
+
+    /// Wraps a channel the caller already has.
+    pub fn from_channel(channel: Channel) -> Self {
+        Self {
+            inference: InferenceClient::new(channel.clone()),
+            health: HealthClient::new(channel),
+        }
+    }
+
+    /// Starts a generation; the stream yields one message per token (or
+    /// small group of tokens), the last one with finish reason and usage.
+    pub async fn generate(
+        &self,
+        request: GenerateRequest,
+    ) -> Result<Streaming<GenerateResponse>, Error> {
+        Ok(self.inference.clone().generate(request).await?.into_inner())
+    }
+
+    /// Runs a generation to the end and returns it as one message.
+    pub async fn complete(&self, request: GenerateRequest) -> Result<GenerateResponse, Error> {
+        Ok(self.inference.clone().complete(request).await?.into_inner())
+    }
+
+    /// The models the server has loaded.
+    pub async fn models(&self) -> Result<ListModelsResponse, Error> {
+        Ok(self
+            .inference
+            .clone()
+            .list_models(ListModelsRequest {})
+            .await?
+            .into_inner())
+    }
+
+    /// Tokenizes `text` with `model`'s tokenizer ("" = the default model).
+    pub async fn tokenize(
+        &self,
+        model: &str,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> Result<TokenizeResponse, Error> {
+        let request = TokenizeRequest {
+            model: model.to_string(),
+            text: text.to_string(),
+            add_special_tokens,
+        };
+        Ok(self.inference.clone().tokenize(request).await?.into_inner())
+    }
+
+    /// Engine counters for `model` ("" = every model).
+    pub async fn stats(&self, model: &str) -> Result<GetStatsResponse, Error> {
+        let request = GetStatsRequest {
+            model: model.to_string(),
+        };
+        Ok(self
+            .inference
+            .clone()
+            .get_stats(request)
+            .await?
+            .into_inner())
+    }
+
+    /// gRPC health of `service` ("" = the whole server).
+    pub async fn health(&self, service: &str) -> Result<ServingStatus, Error> {
+        let request = HealthCheckRequest {
+            service: service.to_string(),
+        };
+        let response = self.health.clone().check(request).await?.into_inner();
+        Ok(ServingStatus::try_from(response.status).unwrap_or(ServingStatus::Unknown))
+    }
+}
+
+/// Adds `http://` (or `https://` when TLS is configured) to a bare `host:port`.
+fn with_scheme(addr: &str, tls: bool) -> String {
+    if addr.contains("://") {
+        addr.to_string()
+    } else if tls {
+        format!("https://{addr}")
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_addresses_get_a_scheme() {
+        assert_eq!(
+            with_scheme("127.0.0.1:50051", false),
+            "http://127.0.0.1:50051"
+        );
+        assert_eq!(
+            with_scheme("example.com:443", true),
+            "https://example.com:443"
+        );
+        assert_eq!(with_scheme("http://h:1", true), "http://h:1");
+    }
+
+    #[test]
+    fn a_certificate_without_its_key_is_refused() {
+        let tls = TlsOptions {
+            cert: Some("client.pem".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            tls.config(),
+            Err(Error::TlsFile { .. }) | Err(Error::TlsOptions(_))
+        ));
+        let tls = TlsOptions {
+            domain: Some("x".into()),
+            ..Default::default()
+        };
+        assert!(tls.is_set());
+        assert!(tls.config().is_ok());
+    }
+
+    #[tokio::test]
+    async fn connecting_to_a_closed_port_is_unavailable() {
+        // Bind then drop to get a port nothing listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let err = Client::connect(&format!("127.0.0.1:{port}"), &TlsOptions::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        assert!(err.to_string().contains("cannot connect"), "{err}");
+    }
+}
