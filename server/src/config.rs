@@ -23,7 +23,7 @@ const DEFAULT_CONFIG_FILE: &str = "torchwire.toml";
 
 /// `TORCHWIRE_*` variables that belong to other torchwire programs or to the
 /// toolchain scripts, not to the server.
-const FOREIGN_ENV_KEYS: &[&str] = &["cache", "venv", "addr"];
+const FOREIGN_ENV_KEYS: &[&str] = &["cache", "venv", "addr", "test_model", "parity_model"];
 
 /// Command-line flags. Each overrides the config key of the same name.
 #[derive(Debug, Default, Parser)]
