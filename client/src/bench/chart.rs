@@ -70,6 +70,7 @@ fn draw(report: &BenchReport, path: &Path) -> DrawResult {
         .x_desc(x_desc)
         .y_desc("output tokens/s")
         .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()?;
     series(&mut chart, &tps, BLUE, "output tokens/s")?;
     chart

@@ -31,6 +31,21 @@ pub enum StopAfter {
     Requests(u64),
     /// No new request after this many seconds; those in flight finish.
     DurationS(f64),
+    /// This many requests per unit of concurrency (or per request/s of rate),
+    /// so every level of a sweep runs the same number of rounds.
+    Rounds(u64),
+}
+
+impl StopAfter {
+    /// The stop condition of one level, with rounds turned into a count.
+    pub fn for_level(self, load: Load) -> StopAfter {
+        match self {
+            StopAfter::Rounds(rounds) => {
+                StopAfter::Requests(rounds * u64::from(width(&load).max(1)))
+            }
+            other => other,
+        }
+    }
 }
 
 /// Everything that shapes a run; recorded in the JSON results.
@@ -87,7 +102,7 @@ pub async fn run(
         let warmup_concurrency = config
             .levels
             .iter()
-            .map(warmup_width)
+            .map(width)
             .max()
             .unwrap_or(1)
             .min(config.warmup);
@@ -110,25 +125,16 @@ pub async fn run(
 
     let mut levels = Vec::with_capacity(config.levels.len());
     for &load in &config.levels {
-        let total = match config.stop_after {
-            StopAfter::Requests(n) => n,
+        let stop = config.stop_after.for_level(load);
+        let total = match stop {
+            StopAfter::Requests(n) | StopAfter::Rounds(n) => n,
             StopAfter::DurationS(s) => (s * 10.0).ceil() as u64,
         };
         let bar = bar(progress, &load.to_string(), total);
         let start = Instant::now();
         let records = match load {
-            Load::Concurrency(c) => closed_loop(client, &request, c, config.stop_after, &bar).await,
-            Load::Rate(r) => {
-                open_loop(
-                    client,
-                    &request,
-                    r,
-                    config.stop_after,
-                    config.arrival_seed,
-                    &bar,
-                )
-                .await
-            }
+            Load::Concurrency(c) => closed_loop(client, &request, c, stop, &bar).await,
+            Load::Rate(r) => open_loop(client, &request, r, stop, config.arrival_seed, &bar).await,
         };
         let wall = start.elapsed();
         bar.finish_and_clear();
@@ -148,8 +154,8 @@ pub async fn run(
     })
 }
 
-/// How many warm-up requests a level would like in flight at once.
-fn warmup_width(load: &Load) -> u32 {
+/// How many requests a level keeps in flight (on average, for a rate).
+fn width(load: &Load) -> u32 {
     match *load {
         Load::Concurrency(c) => c,
         Load::Rate(r) => r.ceil() as u32,
@@ -258,7 +264,7 @@ fn exponential(rng: &mut impl Rng, rate: f64) -> Duration {
 fn deadline(stop: StopAfter) -> Option<Instant> {
     match stop {
         StopAfter::DurationS(s) => Some(Instant::now() + Duration::from_secs_f64(s)),
-        StopAfter::Requests(_) => None,
+        StopAfter::Requests(_) | StopAfter::Rounds(_) => None,
     }
 }
 

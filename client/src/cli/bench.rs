@@ -19,9 +19,12 @@ pub struct BenchArgs {
     /// Open-loop levels: Poisson arrivals at this many requests/s, e.g. 2,8.
     #[arg(long, value_delimiter = ',', value_parser = positive_f64)]
     rate: Vec<f64>,
-    /// Measured requests per level [default: 32 unless --duration is given].
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), conflicts_with = "duration")]
+    /// Measured requests per level [default: 32 unless --duration or --rounds is given].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), conflicts_with_all = ["duration", "rounds"])]
     requests: Option<u64>,
+    /// Measured requests per level = ROUNDS x concurrency (x rate, rounded up).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..), conflicts_with = "duration")]
+    rounds: Option<u64>,
     /// Send requests for this many seconds per level instead of a count.
     #[arg(long, value_name = "SECS", value_parser = positive_f64)]
     duration: Option<f64>,
@@ -75,9 +78,10 @@ impl BenchArgs {
         } else {
             vec![Load::Concurrency(1)]
         };
-        let stop_after = match (self.requests, self.duration) {
-            (_, Some(secs)) => StopAfter::DurationS(secs),
-            (requests, None) => StopAfter::Requests(requests.unwrap_or(32)),
+        let stop_after = match (self.requests, self.duration, self.rounds) {
+            (_, Some(secs), _) => StopAfter::DurationS(secs),
+            (_, None, Some(rounds)) => StopAfter::Rounds(rounds),
+            (requests, None, None) => StopAfter::Requests(requests.unwrap_or(32)),
         };
         BenchConfig {
             addr: addr.to_string(),
@@ -158,6 +162,26 @@ mod tests {
     }
 
     #[test]
+    fn rounds_scale_with_each_level() {
+        let config = bench_args(&["--concurrency", "1,16", "--rounds", "3"])
+            .unwrap()
+            .config("a");
+        assert_eq!(config.stop_after, StopAfter::Rounds(3));
+        assert_eq!(
+            config.stop_after.for_level(Load::Concurrency(1)),
+            StopAfter::Requests(3)
+        );
+        assert_eq!(
+            config.stop_after.for_level(Load::Concurrency(16)),
+            StopAfter::Requests(48)
+        );
+        assert_eq!(
+            config.stop_after.for_level(Load::Rate(2.5)),
+            StopAfter::Requests(9)
+        );
+    }
+
+    #[test]
     fn rate_and_duration_make_an_open_loop_run() {
         let config = bench_args(&["--rate", "2.5", "--duration", "10"])
             .unwrap()
@@ -173,6 +197,7 @@ mod tests {
         assert_eq!(config.stop_after, StopAfter::Requests(32));
         assert!(bench_args(&["--concurrency", "1", "--rate", "2"]).is_err());
         assert!(bench_args(&["--requests", "1", "--duration", "2"]).is_err());
+        assert!(bench_args(&["--requests", "1", "--rounds", "2"]).is_err());
         assert!(bench_args(&["--concurrency", "0"]).is_err());
         assert!(bench_args(&["--rate", "-1"]).is_err());
         assert!(bench_args(&["--output-tokens", "0"]).is_err());

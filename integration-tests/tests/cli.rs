@@ -1,0 +1,315 @@
+//! End-to-end tests of the `torchwire` command line: the real CLI binary
+//! against the real server on port 0 with the bundled model.
+
+use std::process::Output;
+use std::time::Duration;
+
+use torchwire_integration_tests::{binary_path, Server};
+use torchwire_proto::v1::inference_client::InferenceClient;
+use torchwire_proto::v1::{FinishReason, GenerateResponse, ListModelsRequest, TokenizeRequest};
+
+/// Longest any single CLI invocation may take.
+const CLI_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Exit codes documented in `torchwire --help`.
+const EXIT_UNAVAILABLE: i32 = 3;
+const EXIT_INVALID: i32 = 4;
+
+/// Runs `torchwire --addr <addr> args...` and returns its output.
+async fn torchwire(addr: &str, args: &[&str]) -> Output {
+    let mut cmd = tokio::process::Command::new(binary_path("torchwire"));
+    cmd.arg("--addr")
+        .arg(addr)
+        .args(args)
+        .env_remove("TORCHWIRE_ADDR")
+        .kill_on_drop(true);
+    tokio::time::timeout(CLI_TIMEOUT, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("torchwire {args:?} ran longer than {CLI_TIMEOUT:?}"))
+        .expect("torchwire runs")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8(out.stdout.clone()).expect("stdout is UTF-8")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[track_caller]
+fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        stdout(out),
+        stderr(out)
+    );
+}
+
+#[tokio::test]
+async fn generate_streams_text_and_reports_a_summary() {
+    let server = Server::start(&[]).await.unwrap();
+    let out = torchwire(
+        &server.url(),
+        &[
+            "generate",
+            "Once upon a time",
+            "--max-new-tokens",
+            "12",
+            "--ignore-eos",
+        ],
+    )
+    .await;
+    assert_success(&out);
+    assert!(!stdout(&out).is_empty(), "no text streamed");
+    let summary = stderr(&out);
+    assert!(summary.contains("completion tokens: 12"), "{summary}");
+    assert!(summary.contains("time to first token: "), "{summary}");
+    assert!(summary.contains("finish reason: length"), "{summary}");
+}
+
+#[tokio::test]
+async fn generate_json_prints_one_response_per_line() {
+    let server = Server::start(&[]).await.unwrap();
+    let out = torchwire(
+        &server.url(),
+        &[
+            "generate",
+            "The sea",
+            "--max-new-tokens",
+            "8",
+            "--ignore-eos",
+            "--json",
+            "--request-id",
+            "cli-json",
+        ],
+    )
+    .await;
+    assert_success(&out);
+    let messages: Vec<GenerateResponse> = stdout(&out)
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a GenerateResponse: {e}: {line}"))
+        })
+        .collect();
+    assert!(
+        messages.len() >= 2,
+        "expected several streamed messages, got {}",
+        messages.len()
+    );
+    assert!(messages.iter().all(|m| m.request_id == "cli-json"));
+    let last = messages.last().unwrap();
+    assert_eq!(last.finish_reason(), FinishReason::Length);
+    let usage = last.usage.expect("the last message carries usage");
+    assert_eq!(usage.completion_tokens, 8);
+    assert!(usage.prompt_tokens > 0);
+    let streamed: usize = messages.iter().map(|m| m.token_ids.len()).sum();
+    assert_eq!(streamed, 8);
+    assert!(
+        messages[..messages.len() - 1]
+            .iter()
+            .all(|m| m.usage.is_none()),
+        "usage only on the last message"
+    );
+}
+
+#[tokio::test]
+async fn the_same_seed_gives_the_same_sampled_text() {
+    let server = Server::start(&[]).await.unwrap();
+    let args = [
+        "generate",
+        "In the morning",
+        "--max-new-tokens",
+        "24",
+        "--ignore-eos",
+        "--temperature",
+        "0.9",
+        "--seed",
+        "1234",
+        "--quiet",
+    ];
+    let first = torchwire(&server.url(), &args).await;
+    let second = torchwire(&server.url(), &args).await;
+    assert_success(&first);
+    assert_success(&second);
+    assert!(!stdout(&first).is_empty());
+    assert_eq!(stdout(&first), stdout(&second));
+    assert!(
+        stderr(&first).is_empty(),
+        "--quiet prints no summary: {}",
+        stderr(&first)
+    );
+}
+
+#[tokio::test]
+async fn models_tokenize_stats_and_health() {
+    let server = Server::start(&[]).await.unwrap();
+    let mut grpc = InferenceClient::new(server.channel().await.unwrap());
+    let served = grpc
+        .list_models(ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+
+    let out = torchwire(&server.url(), &["models", "--json"]).await;
+    assert_success(&out);
+    let listed: torchwire_proto::v1::ListModelsResponse =
+        serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(listed, served);
+    let out = torchwire(&server.url(), &["models"]).await;
+    assert_success(&out);
+    assert!(
+        stdout(&out).contains(&served.models[0].name),
+        "{}",
+        stdout(&out)
+    );
+
+    let text = "Hello there, general";
+    let expected = grpc
+        .tokenize(TokenizeRequest {
+            text: text.into(),
+            add_special_tokens: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let out = torchwire(&server.url(), &["tokenize", text, "--json"]).await;
+    assert_success(&out);
+    let tokenized: torchwire_proto::v1::TokenizeResponse =
+        serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(tokenized.token_ids, expected.token_ids);
+    assert_eq!(tokenized.count as usize, tokenized.token_ids.len());
+    let out = torchwire(&server.url(), &["tokenize", text]).await;
+    assert_success(&out);
+    let ids: Vec<String> = expected.token_ids.iter().map(u32::to_string).collect();
+    assert_eq!(
+        stdout(&out),
+        format!("count: {}\nids: {}\n", expected.count, ids.join(" "))
+    );
+
+    let out = torchwire(&server.url(), &["stats", "--json"]).await;
+    assert_success(&out);
+    let stats: torchwire_proto::v1::GetStatsResponse = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(stats.models.len(), served.models.len());
+
+    let out = torchwire(&server.url(), &["health"]).await;
+    assert_success(&out);
+    assert_eq!(stdout(&out).trim(), "SERVING");
+}
+
+#[tokio::test]
+async fn an_invalid_request_names_the_field_and_fails() {
+    let server = Server::start(&[]).await.unwrap();
+    let out = torchwire(&server.url(), &["generate", "hi", "--temperature", "-1"]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(EXIT_INVALID),
+        "stderr: {}",
+        stderr(&out)
+    );
+    let err = stderr(&out);
+    assert!(err.starts_with("error: INVALID_ARGUMENT: "), "{err}");
+    assert!(err.contains("temperature"), "{err}");
+    assert!(stdout(&out).is_empty());
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_an_error() {
+    // A port that was free a moment ago and that nothing listens on now.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("http://127.0.0.1:{port}");
+    for args in [&["health"][..], &["generate", "hi"][..]] {
+        let out = torchwire(&addr, args).await;
+        assert_eq!(
+            out.status.code(),
+            Some(EXIT_UNAVAILABLE),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+        assert!(
+            stderr(&out).starts_with("error: UNAVAILABLE: "),
+            "{}",
+            stderr(&out)
+        );
+    }
+}
+
+#[tokio::test]
+async fn bench_writes_json_results_and_a_chart() {
+    let server = Server::start(&[]).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let json_path = dir.path().join("bench.json");
+    let chart_path = dir.path().join("bench.svg");
+    let out = torchwire(
+        &server.url(),
+        &[
+            "bench",
+            "--concurrency",
+            "1,2",
+            "--requests",
+            "2",
+            "--warmup",
+            "1",
+            "--prompt-tokens",
+            "8",
+            "--output-tokens",
+            "4",
+            "--label",
+            "cli-test",
+            "--no-progress",
+            "--json",
+            json_path.to_str().unwrap(),
+            "--chart",
+            chart_path.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert_success(&out);
+
+    let table = stdout(&out);
+    assert!(table.lines().any(|l| l.starts_with("c=1 ")), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("c=2 ")), "{table}");
+
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert_eq!(report["label"], "cli-test");
+    assert_eq!(report["config"]["output_tokens"], 4);
+    assert_eq!(
+        report["prompt_tokens_actual"], 8,
+        "the prompt is built to the exact token count"
+    );
+    let levels = report["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 2);
+    for (level, concurrency) in levels.iter().zip([1, 2]) {
+        assert_eq!(level["load"]["concurrency"], concurrency);
+        assert_eq!(level["requests"], 2, "{level}");
+        assert_eq!(level["failed"], 0, "{level}");
+        assert_eq!(level["output_tokens"], 8, "{level}");
+        assert_eq!(level["prompt_tokens"], 16, "{level}");
+        assert!(level["output_tokens_per_s"].as_f64().unwrap() > 0.0);
+        for metric in ["ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"] {
+            assert!(
+                level[metric]["p50"].as_f64().unwrap() > 0.0,
+                "{metric}: {level}"
+            );
+            assert!(
+                level[metric]["p99"].as_f64().unwrap() >= level[metric]["p50"].as_f64().unwrap()
+            );
+        }
+    }
+
+    let chart = std::fs::read_to_string(&chart_path).unwrap();
+    assert!(
+        chart.starts_with("<svg") && chart.len() > 1000,
+        "chart: {} bytes",
+        chart.len()
+    );
+}
