@@ -30,3 +30,7 @@ lint:
 # Retrain the bundled model from its corpus (about 20 minutes on 2 cores).
 train-model:
     {{env}} && bash models/train/fetch_corpus.sh && python models/train/train.py
+
+# Compare torchwire with HF transformers here (see BENCHMARKS.md; flags go to scripts/bench_compare.py).
+bench-compare *ARGS: build
+    {{env}} && python scripts/bench_compare.py --model {{model}} {{ARGS}}
