@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use torchwire_proto::v1::inference_server::{Inference, InferenceServer};
 
@@ -41,7 +41,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .add_service(reflection_builder().build_v1()?)
         .add_service(reflection_builder().build_v1alpha()?)
         .add_service(inference)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+        // Nagle's algorithm would hold each small token message back for
+        // the peer's delayed ACK (~40 ms): streaming needs TCP_NODELAY.
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {
             let _ = stop_rx.await;
         });
     let server = tokio::spawn(server);

@@ -183,17 +183,21 @@ impl Llama {
         let sin = self.rope.sin.f_index_select(0, &pos_t)?.f_view([b, 1, 1, self.head_dim])?;
         // Each sequence sees its own prefix: positions 0..=pos[b].
         let len = pos.iter().max().copied().unwrap_or(0) + 1;
-        let mask = Tensor::f_arange(len, (Kind::Int64, self.device))?
+        // Additive mask, 0 where visible and -inf beyond each sequence's
+        // length, shaped for the grouped scores `[B, kv_heads, group, len]`.
+        let visible = Tensor::f_arange(len, (Kind::Int64, self.device))?
             .f_view([1, len])?
             .f_le_tensor(&pos_t.f_view([b, 1])?)?
             .f_view([b, 1, 1, len])?;
+        let mask = Tensor::f_zeros([b, 1, 1, len], (self.kind, self.device))?
+            .f_masked_fill(&visible.f_logical_not()?, f64::NEG_INFINITY)?;
         let slots = Tensor::f_arange(b, (Kind::Int64, self.device))?;
         let mut h = Tensor::f_embedding(&self.embed, &ids, -1, false, false)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let (q, k, v) = self.attention_inputs(layer, &h, &cos, &sin)?;
             cache.write_step(i, &slots, &pos_t, &k, &v)?;
             let (keys, values) = cache.view(i, b, len)?;
-            let attn = Tensor::f_scaled_dot_product_attention(&q, &keys, &values, Some(&mask), 0.0, false, None, true)?;
+            let attn = self.decode_attention(&q, &keys, &values, &mask)?;
             h = self.finish_layer(layer, h, &attn)?;
         }
         self.logits(&h.f_squeeze_dim(1)?)
@@ -213,6 +217,21 @@ impl Llama {
         let k = qk.f_narrow(2, self.heads, self.kv_heads)?.f_transpose(1, 2)?;
         let v = qkv.f_narrow(2, self.heads + self.kv_heads, self.kv_heads)?.f_transpose(1, 2)?;
         Ok((q, k, v))
+    }
+
+    /// Attention of one new token per sequence over its cached prefix.
+    /// Query heads are grouped by the KV head they share, so keys and values
+    /// are read in place from the cache view, never repeated per head.
+    /// `q`: `[B, heads, 1, d]`; keys/values: `[B, kv_heads, len, d]`.
+    fn decode_attention(&self, q: &Tensor, keys: &Tensor, values: &Tensor, mask: &Tensor) -> Result<Tensor, TchError> {
+        let b = q.size()[0];
+        let group = self.heads / self.kv_heads;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let q = q.f_reshape([b, self.kv_heads, group, self.head_dim])?;
+        let scores = q.f_matmul(&keys.f_transpose(2, 3)?)?.f_mul_scalar(scale)?.f_add(mask)?;
+        let probs = scores.f_softmax(-1, scores.kind())?;
+        // [B, kv_heads, group, d] -> [B, heads, 1, d]
+        probs.f_matmul(values)?.f_reshape([b, self.heads, 1, self.head_dim])
     }
 
     /// Output projection, residual, and the SwiGLU MLP with its residual.
