@@ -174,22 +174,33 @@ impl Server {
     /// Starts the server on 127.0.0.1:0 with the bundled model and extra
     /// flags, and waits until health reports SERVING.
     pub async fn start(extra_args: &[&str]) -> anyhow::Result<Self> {
-        let model = crate::bundled_model();
-        let mut args = vec![
-            "--listen".to_string(),
-            "127.0.0.1:0".into(),
-            "--model".into(),
-            model.display().to_string(),
-        ];
-        args.extend(extra_args.iter().map(|s| s.to_string()));
-        Self::start_with_args(&args).await
+        Self::start_with_args(&Self::default_args(extra_args)).await
     }
 
     /// Starts the server with exactly these flags (include `--listen`).
     pub async fn start_with_args(args: &[String]) -> anyhow::Result<Self> {
-        let process = ChildProcess::spawn("torchwire-server", args, &[("RUST_LOG", "info")])?;
+        Self::start_with_env(args, &[]).await
+    }
+
+    /// Starts the server with these flags and `TORCHWIRE_*` variables.
+    pub async fn start_with_env(args: &[String], envs: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut all = vec![("RUST_LOG", "info")];
+        all.extend_from_slice(envs);
+        let process = ChildProcess::spawn("torchwire-server", args, &all)?;
         process.wait_serving("").await?;
         Ok(Self(process))
+    }
+
+    /// The default flags (port 0, the bundled model) plus `extra`.
+    pub fn default_args(extra: &[&str]) -> Vec<String> {
+        let mut args = vec![
+            "--listen".to_string(),
+            "127.0.0.1:0".into(),
+            "--model".into(),
+            crate::bundled_model().display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
     }
 }
 
