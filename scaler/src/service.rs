@@ -1,0 +1,250 @@
+//! KEDA's `externalscaler.ExternalScaler` service: the backlog metric and its
+//! target for the HPA, activation for 0 <-> 1 replicas, and a push stream that
+//! wakes KEDA as soon as requests arrive at an idle deployment.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use torchwire_proto::externalscaler::external_scaler_server::ExternalScaler;
+use torchwire_proto::externalscaler::{
+    GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
+    MetricValue, ScaledObjectRef,
+};
+
+use crate::backlog::{Counts, WatchKey, Watchers};
+use crate::error::ScalerError;
+use crate::trigger::{Trigger, TriggerDefaults};
+
+/// The metric the HPA scales on: requests waiting (+ in flight, by default).
+pub const BACKLOG_METRIC: &str = "backlog";
+/// Requests not yet delivered to a server (for GetMetrics queries only).
+pub const PENDING_METRIC: &str = "pending";
+/// Requests being generated (for GetMetrics queries only).
+pub const IN_FLIGHT_METRIC: &str = "in_flight";
+
+/// The ExternalScaler implementation.
+pub struct ScalerService {
+    watchers: Watchers,
+    defaults: TriggerDefaults,
+    heartbeat: Duration,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl ScalerService {
+    /// A service reading backlogs through `watchers`; StreamIsActive streams
+    /// repeat their state every `heartbeat` and end when `shutdown` turns true.
+    pub fn new(
+        watchers: Watchers,
+        defaults: TriggerDefaults,
+        heartbeat: Duration,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            watchers,
+            defaults,
+            heartbeat,
+            shutdown,
+        }
+    }
+
+    fn trigger(&self, object: &ScaledObjectRef) -> Result<(Trigger, WatchKey), ScalerError> {
+        let trigger = Trigger::parse(&object.scaler_metadata, &self.defaults)?;
+        let key = WatchKey {
+            url: trigger.nats_url.clone(),
+            stream: trigger.stream.clone(),
+            consumer: trigger.consumer.clone(),
+        };
+        Ok((trigger, key))
+    }
+
+    async fn is_active_inner(&self, object: &ScaledObjectRef) -> Result<bool, ScalerError> {
+        let (trigger, key) = self.trigger(object)?;
+        let counts = self.watchers.counts(&key).await?;
+        Ok(trigger.is_active(&counts))
+    }
+
+    fn metric_spec(&self, object: &ScaledObjectRef) -> Result<GetMetricSpecResponse, ScalerError> {
+        let (trigger, _) = self.trigger(object)?;
+        #[allow(deprecated)] // KEDA still reads the int field on older versions: fill both.
+        let spec = MetricSpec {
+            metric_name: BACKLOG_METRIC.into(),
+            target_size: trigger.target_per_replica.ceil() as i64,
+            target_size_float: trigger.target_per_replica,
+        };
+        Ok(GetMetricSpecResponse {
+            metric_specs: vec![spec],
+        })
+    }
+
+    async fn metrics(
+        &self,
+        request: &GetMetricsRequest,
+    ) -> Result<GetMetricsResponse, ScalerError> {
+        let object = request.scaled_object_ref.clone().unwrap_or_default();
+        let (trigger, key) = self.trigger(&object)?;
+        let name = metric_name(&request.metric_name);
+        let value_of: fn(&Trigger, &Counts) -> u64 = match name {
+            "" | BACKLOG_METRIC => |t, c| t.backlog(c),
+            PENDING_METRIC => |_, c| c.pending,
+            IN_FLIGHT_METRIC => |_, c| c.in_flight,
+            _ => return Err(ScalerError::UnknownMetric(request.metric_name.clone())),
+        };
+        let counts = self.watchers.counts(&key).await?;
+        let value = value_of(&trigger, &counts);
+        #[allow(deprecated)] // KEDA still reads the int field on older versions: fill both.
+        let metric = MetricValue {
+            metric_name: if name.is_empty() {
+                BACKLOG_METRIC.into()
+            } else {
+                name.into()
+            },
+            metric_value: i64::try_from(value).unwrap_or(i64::MAX),
+            metric_value_float: value as f64,
+        };
+        Ok(GetMetricsResponse {
+            metric_values: vec![metric],
+        })
+    }
+}
+
+/// The metric name without KEDA's `s<index>-` prefix, if it has one.
+fn metric_name(name: &str) -> &str {
+    if let Some(rest) = name.strip_prefix('s') {
+        if let Some((index, metric)) = rest.split_once('-') {
+            if !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit()) {
+                return metric;
+            }
+        }
+    }
+    name
+}
+
+type ActiveStream = Pin<Box<dyn Stream<Item = Result<IsActiveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExternalScaler for ScalerService {
+    async fn is_active(
+        &self,
+        request: Request<ScaledObjectRef>,
+    ) -> Result<Response<IsActiveResponse>, Status> {
+        let object = request.into_inner();
+        let result = self
+            .is_active_inner(&object)
+            .await
+            .inspect_err(|e| log_error("IsActive", &object, e))?;
+        tracing::debug!(name = %object.name, namespace = %object.namespace, result, "IsActive");
+        Ok(Response::new(IsActiveResponse { result }))
+    }
+
+    type StreamIsActiveStream = ActiveStream;
+
+    async fn stream_is_active(
+        &self,
+        request: Request<ScaledObjectRef>,
+    ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
+        let object = request.into_inner();
+        let (trigger, key) = self
+            .trigger(&object)
+            .inspect_err(|e| log_error("StreamIsActive", &object, e))?;
+        let mut subscription = self.watchers.subscribe(&key);
+        let counts = subscription
+            .current()
+            .await
+            .inspect_err(|e| log_error("StreamIsActive", &object, e))?;
+        let mut active = trigger.is_active(&counts);
+        tracing::info!(name = %object.name, namespace = %object.namespace, active, "StreamIsActive opened");
+
+        let (tx, rx) = mpsc::channel(4);
+        tx.try_send(Ok(IsActiveResponse { result: active }))
+            .expect("a new channel has room");
+        let mut shutdown = self.shutdown.clone();
+        let heartbeat = self.heartbeat;
+        tokio::spawn(async move {
+            let mut ticker =
+                tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+            let stopping = async move {
+                let _stopped = shutdown.wait_for(|stop| *stop).await.is_ok();
+            };
+            tokio::pin!(stopping);
+            loop {
+                tokio::select! {
+                    () = tx.closed() => break,
+                    () = &mut stopping => break,
+                    alive = subscription.changed() => {
+                        if !alive {
+                            break;
+                        }
+                        // Errors (NATS away, queue gone) send nothing: KEDA's
+                        // polling reports them, and the stream stays ready to
+                        // push as soon as readings come back.
+                        let Some(Ok(counts)) = subscription.latest() else { continue };
+                        let now = trigger.is_active(&counts);
+                        if now != active {
+                            active = now;
+                            tracing::debug!(name = %object.name, namespace = %object.namespace, active, "StreamIsActive push");
+                            if tx.send(Ok(IsActiveResponse { result: active })).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    _ = ticker.tick() => {
+                        if tx.send(Ok(IsActiveResponse { result: active })).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            tracing::debug!(name = %object.name, namespace = %object.namespace, "StreamIsActive closed");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_metric_spec(
+        &self,
+        request: Request<ScaledObjectRef>,
+    ) -> Result<Response<GetMetricSpecResponse>, Status> {
+        let object = request.into_inner();
+        let spec = self
+            .metric_spec(&object)
+            .inspect_err(|e| log_error("GetMetricSpec", &object, e))?;
+        Ok(Response::new(spec))
+    }
+
+    async fn get_metrics(
+        &self,
+        request: Request<GetMetricsRequest>,
+    ) -> Result<Response<GetMetricsResponse>, Status> {
+        let request = request.into_inner();
+        let metrics = self.metrics(&request).await.inspect_err(|e| {
+            log_error(
+                "GetMetrics",
+                &request.scaled_object_ref.clone().unwrap_or_default(),
+                e,
+            )
+        })?;
+        tracing::debug!(metric = %request.metric_name, values = ?metrics.metric_values, "GetMetrics");
+        Ok(Response::new(metrics))
+    }
+}
+
+fn log_error(rpc: &str, object: &ScaledObjectRef, err: &ScalerError) {
+    tracing::warn!(rpc, name = %object.name, namespace = %object.namespace, code = ?err.code(), "{err}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::metric_name;
+
+    #[test]
+    fn keda_prefixes_are_stripped() {
+        assert_eq!(metric_name("s0-backlog"), "backlog");
+        assert_eq!(metric_name("s12-in_flight"), "in_flight");
+        assert_eq!(metric_name("backlog"), "backlog");
+        assert_eq!(metric_name("sx-backlog"), "sx-backlog");
+        assert_eq!(metric_name("s-backlog"), "s-backlog");
+    }
+}
