@@ -619,6 +619,146 @@ async fn reflection_health_and_graceful_shutdown() {
     );
 }
 
+/// A test CA, and a server and a client certificate it signed, as PEM files.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+            KeyPair, KeyUsagePurpose,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, pem: String| std::fs::write(dir.path().join(name), pem).unwrap();
+
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        ca.distinguished_name
+            .push(DnType::CommonName, "torchwire test CA");
+        write("ca.pem", ca.self_signed(&ca_key).unwrap().pem());
+        let issuer = Issuer::from_params(&ca, &ca_key);
+
+        for (name, sans, usage) in [
+            (
+                "server",
+                vec!["localhost".to_string(), "127.0.0.1".to_string()],
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ),
+            (
+                "client",
+                vec!["keda-operator".to_string()],
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ),
+        ] {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(sans).unwrap();
+            params.extended_key_usages = vec![usage];
+            params.distinguished_name.push(DnType::CommonName, name);
+            write(
+                &format!("{name}.pem"),
+                params.signed_by(&key, &issuer).unwrap().pem(),
+            );
+            write(&format!("{name}.key"), key.serialize_pem());
+        }
+        Self { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    fn read(&self, name: &str) -> Vec<u8> {
+        std::fs::read(self.dir.path().join(name)).unwrap()
+    }
+}
+
+/// A gRPC call over TLS to `addr`, optionally with the client certificate.
+async fn tls_call(
+    pki: &Pki,
+    addr: std::net::SocketAddr,
+    with_identity: bool,
+) -> Result<(), String> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(pki.read("ca.pem")))
+        .domain_name("localhost");
+    if with_identity {
+        tls = tls.identity(Identity::from_pem(
+            pki.read("client.pem"),
+            pki.read("client.key"),
+        ));
+    }
+    let channel = Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect()
+        .await
+        .map_err(|e| format!("connect: {e:?}"))?;
+    let spec = ExternalScalerClient::new(channel)
+        .get_metric_spec(object(&[]))
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    assert_eq!(spec.into_inner().metric_specs[0].metric_name, "backlog");
+    Ok(())
+}
+
+#[tokio::test]
+async fn grpc_tls_and_client_certificates() {
+    use torchwire_integration_tests::ChildProcess;
+    let pki = Pki::new();
+    let nats = NatsServer::start().unwrap();
+    let tls_args = |client_ca: bool| {
+        let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--nats-url", &nats.url()]
+            .map(String::from)
+            .to_vec();
+        args.extend([
+            "--tls-cert".into(),
+            pki.path("server.pem"),
+            "--tls-key".into(),
+            pki.path("server.key"),
+        ]);
+        if client_ca {
+            args.extend(["--tls-client-ca".into(), pki.path("ca.pem")]);
+        }
+        args
+    };
+
+    // Server TLS only (KEDA's `enableTLS` + `caCert`).
+    let scaler = ChildProcess::spawn("torchwire-scaler", &tls_args(false), &[]).unwrap();
+    tls_call(&pki, scaler.addr, false).await.expect("TLS call");
+    let plaintext = async {
+        let channel = scaler.channel().await.map_err(|e| e.to_string())?;
+        ExternalScalerClient::new(channel)
+            .get_metric_spec(object(&[]))
+            .await
+            .map_err(|e| e.to_string())
+    };
+    assert!(
+        plaintext.await.is_err(),
+        "a plaintext call reached a TLS-only scaler"
+    );
+    drop(scaler);
+
+    // Mutual TLS (TriggerAuthentication `tlsClientCert` / `tlsClientKey`).
+    let scaler = ChildProcess::spawn("torchwire-scaler", &tls_args(true), &[]).unwrap();
+    tls_call(&pki, scaler.addr, true)
+        .await
+        .expect("mTLS call with a client certificate");
+    let refused = tls_call(&pki, scaler.addr, false).await;
+    assert!(
+        refused.is_err(),
+        "a call without a client certificate was served"
+    );
+}
+
 /// Runs torchwire-scaler with `args` until it exits (at most `WAIT`, then
 /// it is killed); returns its exit status and stderr.
 fn run_to_exit(args: &[&str]) -> (std::process::ExitStatus, String) {
