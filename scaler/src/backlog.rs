@@ -360,6 +360,42 @@ mod tests {
         ));
     }
 
+    #[tokio::test]
+    async fn unreachable_nats_is_unavailable_and_idle_watchers_stop() {
+        // Port 1 refuses connections at once.
+        let url = "nats://127.0.0.1:1";
+        let connections = Connections::new(torchwire_nats::NatsConfig::default());
+        let settings = WatchSettings {
+            refresh_interval: Duration::from_millis(10),
+            stale_after: Duration::from_millis(500),
+            idle_timeout: Duration::from_millis(100),
+        };
+        let watchers = Watchers::new(connections, settings);
+        let key = WatchKey {
+            url: url.into(),
+            ..key()
+        };
+        let err = watchers.counts(&key).await.unwrap_err();
+        assert!(
+            matches!(err, ScalerError::Unavailable { cause: Some(_), .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains(url), "{err}");
+        assert_eq!(watchers.len(), 1, "one watcher per consumer");
+
+        // A subscriber keeps the watcher alive past the idle timeout ...
+        let subscription = watchers.subscribe(&key);
+        tokio::time::sleep(settings.idle_timeout * 3).await;
+        assert_eq!(watchers.len(), 1);
+        // ... and once nobody watches or asks, it stops (after its connect backoff).
+        drop(subscription);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !watchers.is_empty() {
+            assert!(Instant::now() < deadline, "idle watcher still running");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn missing_stream_and_consumer_are_reported_as_such() {
         let limit = Duration::from_secs(10);
