@@ -321,7 +321,7 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--output-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=16, help="HF static batch = torchwire concurrency")
-    p.add_argument("--repeats", type=int, default=3, help="timed HF generate calls per batch size")
+    p.add_argument("--repeats", type=int, default=5, help="timed HF generate calls per batch size")
     p.add_argument("--rounds", type=int, default=4,
                    help="torchwire requests per level = rounds x concurrency")
     p.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
@@ -339,6 +339,9 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
+    load_before = os.getloadavg()
+    if load_before[0] > 0.5 * (os.cpu_count() or 1):
+        log(f"warning: load average {load_before[0]:.2f} before the run; other work on this machine will skew the numbers")
     hf, hf_meta = (None, None)
     if not args.skip_hf:
         hf, hf_meta = run_hf(args)
@@ -348,7 +351,7 @@ def main():
 
     summary = {
         "when": stamp,
-        "machine": machine(),
+        "machine": {**machine(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "settings": {
             "model": os.path.relpath(args.model, REPO) if args.model.startswith(REPO) else args.model,
             "threads": args.threads,
