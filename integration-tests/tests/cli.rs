@@ -313,3 +313,103 @@ async fn bench_writes_json_results_and_a_chart() {
         chart.len()
     );
 }
+
+/// A test CA and a server and a client certificate it signed, as PEM files.
+fn make_pki(dir: &std::path::Path) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose,
+    };
+    let write = |name: &str, pem: String| std::fs::write(dir.join(name), pem).unwrap();
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    ca.distinguished_name
+        .push(DnType::CommonName, "torchwire CLI test CA");
+    write("ca.pem", ca.self_signed(&ca_key).unwrap().pem());
+    let issuer = Issuer::from_params(&ca, &ca_key);
+    for (name, san, usage) in [
+        ("server", "localhost", ExtendedKeyUsagePurpose::ServerAuth),
+        (
+            "client",
+            "torchwire-cli",
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ),
+    ] {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![san.to_string()]).unwrap();
+        params.extended_key_usages = vec![usage];
+        params.distinguished_name.push(DnType::CommonName, name);
+        write(
+            &format!("{name}.pem"),
+            params.signed_by(&key, &issuer).unwrap().pem(),
+        );
+        write(&format!("{name}.key"), key.serialize_pem());
+    }
+}
+
+/// The TLS flags against a real TLS gRPC server: torchwire-scaler, which
+/// serves gRPC health over TLS and, with a client CA, requires mutual TLS.
+#[tokio::test]
+async fn tls_flags_reach_a_mutual_tls_server() {
+    use torchwire_integration_tests::{ChildProcess, NatsServer};
+    let pki = tempfile::tempdir().unwrap();
+    make_pki(pki.path());
+    let path = |name: &str| pki.path().join(name).display().to_string();
+    let nats = NatsServer::start().unwrap();
+    let args: Vec<String> = [
+        "--listen",
+        "127.0.0.1:0",
+        "--nats-url",
+        &nats.url(),
+        "--tls-cert",
+        &path("server.pem"),
+        "--tls-key",
+        &path("server.key"),
+        "--tls-client-ca",
+        &path("ca.pem"),
+    ]
+    .map(String::from)
+    .to_vec();
+    let scaler = ChildProcess::spawn("torchwire-scaler", &args, &[]).unwrap();
+    let addr = format!("https://{}", scaler.addr);
+    let (ca, cert, key) = (path("ca.pem"), path("client.pem"), path("client.key"));
+
+    let out = torchwire(
+        &addr,
+        &[
+            "--tls-ca",
+            &ca,
+            "--tls-domain",
+            "localhost",
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "health",
+            "--wait",
+            "60",
+        ],
+    )
+    .await;
+    assert_success(&out);
+    assert_eq!(stdout(&out).trim(), "SERVING");
+
+    // Without the client certificate the server refuses the handshake.
+    let out = torchwire(
+        &addr,
+        &["--tls-ca", &ca, "--tls-domain", "localhost", "health"],
+    )
+    .await;
+    assert!(!out.status.success(), "served without a client certificate");
+    assert!(stderr(&out).starts_with("error: "), "{}", stderr(&out));
+
+    // A certificate file that does not exist is a bad option, not a network error.
+    let out = torchwire(&addr, &["--tls-ca", &path("missing.pem"), "health"]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(stderr(&out).contains("missing.pem"), "{}", stderr(&out));
+}

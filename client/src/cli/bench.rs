@@ -11,7 +11,7 @@ use torchwire_client::{Client, Error};
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Model name (default: the server's default model).
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", hide_default_value = true)]
     model: String,
     /// Closed-loop levels: requests kept in flight, e.g. 1,4,16 (a sweep).
     #[arg(long, value_delimiter = ',', value_parser = clap::value_parser!(u32).range(1..), conflicts_with = "rate")]

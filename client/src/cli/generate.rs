@@ -14,7 +14,7 @@ pub struct GenerateArgs {
     /// The prompt; `-` reads it from standard input.
     prompt: String,
     /// Model name (default: the server's default model).
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", hide_default_value = true)]
     model: String,
     /// Tokens to generate at most (default: the server's).
     #[arg(long)]
@@ -47,7 +47,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 0)]
     logprobs: u32,
     /// Request id echoed on every response (default: the server makes one).
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", hide_default_value = true)]
     request_id: String,
     /// Print each response message as one line of canonical protobuf JSON.
     #[arg(long)]

@@ -93,7 +93,7 @@ pub struct TokenizeArgs {
     /// The text; `-` reads it from standard input.
     text: String,
     /// Model whose tokenizer to use (default: the server's default model).
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", hide_default_value = true)]
     model: String,
     /// Leave out the special tokens (e.g. BOS) that Generate adds.
     #[arg(long)]
@@ -121,7 +121,7 @@ pub async fn tokenize(client: &Client, args: TokenizeArgs) -> anyhow::Result<Exi
 #[derive(Debug, Args)]
 pub struct HealthArgs {
     /// The service to check ("" = the whole server).
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", hide_default_value = true)]
     service: String,
     /// Keep trying for up to this many seconds until SERVING (also while the
     /// server is not reachable yet).
@@ -155,7 +155,7 @@ pub async fn health(conn: &ConnectionArgs, args: HealthArgs) -> anyhow::Result<E
 #[derive(Debug, Args)]
 pub struct StatsArgs {
     /// Only this model (default: every model).
-    #[arg(long, default_value = "")]
+    #[arg(long, default_value = "", hide_default_value = true)]
     model: String,
     /// Print the GetStats response as canonical protobuf JSON.
     #[arg(long)]

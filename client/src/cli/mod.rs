@@ -41,6 +41,7 @@ pub struct Cli {
 
 /// Where the server is and how to reach it.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Connection")]
 struct ConnectionArgs {
     /// Server address: http://host:port, https://host:port or host:port.
     #[arg(long, global = true, env = "TORCHWIRE_ADDR", default_value = DEFAULT_ADDR)]
