@@ -37,14 +37,25 @@ impl NatsServer {
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         let child = Command::new("nats-server")
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-sd"])
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-sd",
+            ])
             .arg(self.store.path())
             .args(&self.extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| anyhow::anyhow!("cannot start nats-server (is it on PATH? source scripts/env.sh): {e}"))?;
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot start nats-server (is it on PATH? source scripts/env.sh): {e}"
+                )
+            })?;
         self.child = Some(child);
         wait_for_port(self.port, Duration::from_secs(30))
     }

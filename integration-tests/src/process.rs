@@ -88,7 +88,11 @@ impl ChildProcess {
                 Ok(line) => {
                     if let Some(addr) = line.strip_prefix(&marker) {
                         let addr = addr.trim().parse()?;
-                        return Ok(Self { child: Some(child), addr, stdout_lines: rx });
+                        return Ok(Self {
+                            child: Some(child),
+                            addr,
+                            stdout_lines: rx,
+                        });
                     }
                 }
                 Err(_) => {
@@ -143,7 +147,9 @@ impl ChildProcess {
         let mut health = HealthClient::new(self.channel().await?);
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         let mut watch = health
-            .watch(HealthCheckRequest { service: service.into() })
+            .watch(HealthCheckRequest {
+                service: service.into(),
+            })
             .await?
             .into_inner();
         loop {

@@ -7,7 +7,10 @@ use futures::StreamExt;
 use tonic::Code;
 use torchwire_integration_tests::Server;
 use torchwire_proto::v1::inference_client::InferenceClient;
-use torchwire_proto::v1::{FinishReason, GenerateRequest, GenerateResponse, GetStatsRequest, ListModelsRequest, TokenizeRequest};
+use torchwire_proto::v1::{
+    FinishReason, GenerateRequest, GenerateResponse, GetStatsRequest, ListModelsRequest,
+    TokenizeRequest,
+};
 
 type Client = InferenceClient<tonic::transport::Channel>;
 
@@ -25,7 +28,10 @@ fn request(prompt: &str, max_new_tokens: u32) -> GenerateRequest {
 }
 
 /// Reads a whole stream; returns its messages.
-async fn collect(client: &mut Client, req: GenerateRequest) -> Result<Vec<GenerateResponse>, tonic::Status> {
+async fn collect(
+    client: &mut Client,
+    req: GenerateRequest,
+) -> Result<Vec<GenerateResponse>, tonic::Status> {
     let mut stream = client.generate(req).await?.into_inner();
     let mut out = Vec::new();
     while let Some(msg) = stream.next().await {
@@ -43,20 +49,37 @@ fn token_count(msgs: &[GenerateResponse]) -> usize {
 }
 
 async fn stats(client: &mut Client) -> torchwire_proto::v1::ModelStats {
-    client.get_stats(GetStatsRequest::default()).await.unwrap().into_inner().models.remove(0)
+    client
+        .get_stats(GetStatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .models
+        .remove(0)
 }
 
 #[tokio::test]
 async fn generate_streams_tokens_before_generation_ends() {
     let server = Server::start(&[]).await.unwrap();
     let mut c = client(&server).await;
-    let mut stream = c.generate(request("Once upon a time", 48)).await.unwrap().into_inner();
+    let mut stream = c
+        .generate(request("Once upon a time", 48))
+        .await
+        .unwrap()
+        .into_inner();
     let first = stream.next().await.unwrap().unwrap();
     // Events ready together are merged into one message, so a first message
     // without a finish reason was sent while the engine was still generating.
-    assert_eq!(first.finish_reason, FinishReason::Unspecified as i32, "first message already final");
+    assert_eq!(
+        first.finish_reason,
+        FinishReason::Unspecified as i32,
+        "first message already final"
+    );
     assert!(!first.token_ids.is_empty());
-    assert!(!first.request_id.is_empty(), "a request id is generated when none is given");
+    assert!(
+        !first.request_id.is_empty(),
+        "a request id is generated when none is given"
+    );
     let mut msgs = vec![first];
     while let Some(m) = stream.next().await {
         msgs.push(m.unwrap());
@@ -78,7 +101,10 @@ async fn generate_streams_tokens_before_generation_ends() {
 async fn complete_returns_the_same_text_as_the_stream() {
     let server = Server::start(&[]).await.unwrap();
     let mut c = client(&server).await;
-    let req = GenerateRequest { request_id: "abc-1".into(), ..request("The weather today", 20) };
+    let req = GenerateRequest {
+        request_id: "abc-1".into(),
+        ..request("The weather today", 20)
+    };
     let streamed = collect(&mut c, req.clone()).await.unwrap();
     let whole = c.complete(req).await.unwrap().into_inner();
     assert_eq!(whole.text, text(&streamed));
@@ -94,17 +120,25 @@ async fn sixteen_concurrent_streams_complete_in_one_batch() {
     let tasks: Vec<_> = (0..16)
         .map(|i| {
             let mut c = c.clone();
-            tokio::spawn(async move { collect(&mut c, request(&format!("Story number {i}:"), 96)).await })
+            tokio::spawn(async move {
+                collect(&mut c, request(&format!("Story number {i}:"), 96)).await
+            })
         })
         .collect();
     for t in tasks {
         let msgs = t.await.unwrap().unwrap();
         assert_eq!(token_count(&msgs), 96);
-        assert_eq!(msgs.last().unwrap().finish_reason, FinishReason::Length as i32);
+        assert_eq!(
+            msgs.last().unwrap().finish_reason,
+            FinishReason::Length as i32
+        );
     }
     let s = stats(&mut c.clone()).await;
     assert_eq!(s.requests_finished, 16);
-    assert_eq!(s.peak_batch_size, 16, "the 16 streams were not decoded as one batch: {s:?}");
+    assert_eq!(
+        s.peak_batch_size, 16,
+        "the 16 streams were not decoded as one batch: {s:?}"
+    );
     assert_eq!(s.running, 0);
 }
 
@@ -112,7 +146,11 @@ async fn sixteen_concurrent_streams_complete_in_one_batch() {
 async fn a_cancelled_stream_frees_its_slot_for_the_next_request() {
     let server = Server::start(&["--max-batch-size", "1"]).await.unwrap();
     let mut c = client(&server).await;
-    let mut first = c.generate(request("Long story:", 240)).await.unwrap().into_inner();
+    let mut first = c
+        .generate(request("Long story:", 240))
+        .await
+        .unwrap()
+        .into_inner();
     first.next().await.unwrap().unwrap();
     drop(first);
     // The only slot was taken; this completes only if the cancelled one left.
@@ -120,17 +158,34 @@ async fn a_cancelled_stream_frees_its_slot_for_the_next_request() {
     assert_eq!(token_count(&msgs), 8);
     let s = stats(&mut c).await;
     assert_eq!(s.requests_cancelled, 1, "{s:?}");
-    assert!(s.tokens_generated < 240, "the cancelled request ran to the end: {s:?}");
+    assert!(
+        s.tokens_generated < 240,
+        "the cancelled request ran to the end: {s:?}"
+    );
 }
 
 #[tokio::test]
 async fn a_full_queue_refuses_with_resource_exhausted() {
-    let server = Server::start(&["--max-batch-size", "1", "--queue-size", "1"]).await.unwrap();
+    let server = Server::start(&["--max-batch-size", "1", "--queue-size", "1"])
+        .await
+        .unwrap();
     let mut c = client(&server).await;
-    let mut running = c.generate(request("Long story:", 240)).await.unwrap().into_inner();
+    let mut running = c
+        .generate(request("Long story:", 240))
+        .await
+        .unwrap()
+        .into_inner();
     running.next().await.unwrap().unwrap(); // admitted: the batch is full now
-    let mut queued = c.generate(request("Queued:", 4)).await.unwrap().into_inner();
-    let refused = c.generate(request("Refused:", 4)).await.err().expect("third request must be refused");
+    let mut queued = c
+        .generate(request("Queued:", 4))
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = c
+        .generate(request("Refused:", 4))
+        .await
+        .err()
+        .expect("third request must be refused");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     drop(running);
     let mut n = 0;
@@ -148,18 +203,102 @@ async fn bad_input_gets_its_status_and_the_server_keeps_serving() {
     let ok = request("Hello", 4);
     let long_prompt = "word ".repeat(4000);
     let cases: Vec<(GenerateRequest, Code, &str)> = vec![
-        (GenerateRequest { prompt: String::new(), ..ok.clone() }, Code::InvalidArgument, "prompt"),
-        (GenerateRequest { prompt: long_prompt, ..ok.clone() }, Code::InvalidArgument, "prompt"),
-        (GenerateRequest { max_new_tokens: Some(0), ..ok.clone() }, Code::InvalidArgument, "max_new_tokens"),
-        (GenerateRequest { max_new_tokens: Some(1_000_000), ..ok.clone() }, Code::InvalidArgument, "max_new_tokens"),
-        (GenerateRequest { temperature: -1.0, ..ok.clone() }, Code::InvalidArgument, "temperature"),
-        (GenerateRequest { top_p: 1.5, ..ok.clone() }, Code::InvalidArgument, "top_p"),
-        (GenerateRequest { min_p: -0.5, ..ok.clone() }, Code::InvalidArgument, "min_p"),
-        (GenerateRequest { logprobs: 21, ..ok.clone() }, Code::InvalidArgument, "logprobs"),
-        (GenerateRequest { repetition_penalty: -2.0, ..ok.clone() }, Code::InvalidArgument, "repetition_penalty"),
-        (GenerateRequest { stop: vec!["s".into(); 9], ..ok.clone() }, Code::InvalidArgument, "stop"),
-        (GenerateRequest { stop: vec!["x".repeat(200)], ..ok.clone() }, Code::InvalidArgument, "stop"),
-        (GenerateRequest { model: "no-such-model".into(), ..ok.clone() }, Code::NotFound, "model"),
+        (
+            GenerateRequest {
+                prompt: String::new(),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "prompt",
+        ),
+        (
+            GenerateRequest {
+                prompt: long_prompt,
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "prompt",
+        ),
+        (
+            GenerateRequest {
+                max_new_tokens: Some(0),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "max_new_tokens",
+        ),
+        (
+            GenerateRequest {
+                max_new_tokens: Some(1_000_000),
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "max_new_tokens",
+        ),
+        (
+            GenerateRequest {
+                temperature: -1.0,
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "temperature",
+        ),
+        (
+            GenerateRequest {
+                top_p: 1.5,
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "top_p",
+        ),
+        (
+            GenerateRequest {
+                min_p: -0.5,
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "min_p",
+        ),
+        (
+            GenerateRequest {
+                logprobs: 21,
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "logprobs",
+        ),
+        (
+            GenerateRequest {
+                repetition_penalty: -2.0,
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "repetition_penalty",
+        ),
+        (
+            GenerateRequest {
+                stop: vec!["s".into(); 9],
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "stop",
+        ),
+        (
+            GenerateRequest {
+                stop: vec!["x".repeat(200)],
+                ..ok.clone()
+            },
+            Code::InvalidArgument,
+            "stop",
+        ),
+        (
+            GenerateRequest {
+                model: "no-such-model".into(),
+                ..ok.clone()
+            },
+            Code::NotFound,
+            "model",
+        ),
     ];
     for (req, code, field) in cases {
         for unary in [false, true] {
@@ -170,7 +309,11 @@ async fn bad_input_gets_its_status_and_the_server_keeps_serving() {
             }
             .unwrap_or_else(|| panic!("{field}: accepted"));
             assert_eq!(status.code(), code, "{field}: {status:?}");
-            assert!(status.message().starts_with(field), "{field}: message {:?} does not name the field", status.message());
+            assert!(
+                status.message().starts_with(field),
+                "{field}: message {:?} does not name the field",
+                status.message()
+            );
         }
     }
     // Still serving.
@@ -182,11 +325,27 @@ async fn bad_input_gets_its_status_and_the_server_keeps_serving() {
 async fn seed_and_stop_sequences_and_logprobs() {
     let server = Server::start(&[]).await.unwrap();
     let mut c = client(&server).await;
-    let sampled = GenerateRequest { temperature: 0.9, top_p: 0.95, top_k: 50, seed: Some(1234), ..request("It was a dark and stormy night", 32) };
+    let sampled = GenerateRequest {
+        temperature: 0.9,
+        top_p: 0.95,
+        top_k: 50,
+        seed: Some(1234),
+        ..request("It was a dark and stormy night", 32)
+    };
     let a = text(&collect(&mut c, sampled.clone()).await.unwrap());
     let b = text(&collect(&mut c, sampled.clone()).await.unwrap());
     assert_eq!(a, b, "same seed, same request, same output");
-    let other = text(&collect(&mut c, GenerateRequest { seed: Some(99), ..sampled }).await.unwrap());
+    let other = text(
+        &collect(
+            &mut c,
+            GenerateRequest {
+                seed: Some(99),
+                ..sampled
+            },
+        )
+        .await
+        .unwrap(),
+    );
     assert_ne!(a, other, "another seed should give another sample");
 
     // Greedy text, then stop at a piece of it taken from its middle.
@@ -196,13 +355,29 @@ async fn seed_and_stop_sequences_and_logprobs() {
     assert!(chars.len() > 12, "greedy output too short: {full:?}");
     let stop: String = chars[8..11].iter().collect();
     let cut = full.find(&stop).unwrap();
-    let msgs = collect(&mut c, GenerateRequest { stop: vec![stop.clone()], ..greedy }).await.unwrap();
+    let msgs = collect(
+        &mut c,
+        GenerateRequest {
+            stop: vec![stop.clone()],
+            ..greedy
+        },
+    )
+    .await
+    .unwrap();
     let last = msgs.last().unwrap();
     assert_eq!(text(&msgs), full[..cut]);
     assert_eq!(last.finish_reason, FinishReason::StopSequence as i32);
     assert_eq!(last.stop_sequence, stop);
 
-    let msgs = collect(&mut c, GenerateRequest { logprobs: 3, ..request("Hello", 5) }).await.unwrap();
+    let msgs = collect(
+        &mut c,
+        GenerateRequest {
+            logprobs: 3,
+            ..request("Hello", 5)
+        },
+    )
+    .await
+    .unwrap();
     let lps: Vec<_> = msgs.iter().flat_map(|m| m.logprobs.clone()).collect();
     assert_eq!(lps.len(), 5);
     for lp in lps {
@@ -217,13 +392,22 @@ async fn seed_and_stop_sequences_and_logprobs() {
 async fn list_models_and_tokenize() {
     let server = Server::start(&["--model-name", "tiny"]).await.unwrap();
     let mut c = client(&server).await;
-    let models = c.list_models(ListModelsRequest {}).await.unwrap().into_inner().models;
+    let models = c
+        .list_models(ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
     assert_eq!(models.len(), 1);
     assert_eq!(models[0].name, "tiny");
     assert!(models[0].is_default && models[0].context_length > 0 && models[0].parameters > 0);
     assert_eq!(models[0].device, "cpu");
     let t = c
-        .tokenize(TokenizeRequest { text: "hello world".into(), add_special_tokens: false, ..Default::default() })
+        .tokenize(TokenizeRequest {
+            text: "hello world".into(),
+            add_special_tokens: false,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -231,12 +415,22 @@ async fn list_models_and_tokenize() {
     assert_eq!(t.tokens.len(), t.token_ids.len());
     assert!(t.count > 0);
     let with_bos = c
-        .tokenize(TokenizeRequest { text: "hello world".into(), add_special_tokens: true, model: "tiny".into() })
+        .tokenize(TokenizeRequest {
+            text: "hello world".into(),
+            add_special_tokens: true,
+            model: "tiny".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(with_bos.count, t.count + 1);
-    let err = c.tokenize(TokenizeRequest { model: "nope".into(), ..Default::default() }).await.unwrap_err();
+    let err = c
+        .tokenize(TokenizeRequest {
+            model: "nope".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
 }
 
@@ -249,28 +443,50 @@ async fn reflection_lists_the_services_in_v1_and_v1alpha() {
     let mut v1c = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
     let req = v1::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
     };
-    let mut resp = v1c.server_reflection_info(futures::stream::iter([req])).await.unwrap().into_inner();
+    let mut resp = v1c
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
     let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
         resp.next().await.unwrap().unwrap().message_response
     else {
         panic!("not a list response")
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for want in ["torchwire.v1.Inference", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"] {
-        assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
+    for want in [
+        "torchwire.v1.Inference",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
     }
-    assert!(!names.iter().any(|n| n.contains("externalscaler")), "the server does not serve KEDA's API: {names:?}");
+    assert!(
+        !names.iter().any(|n| n.contains("externalscaler")),
+        "the server does not serve KEDA's API: {names:?}"
+    );
 
     let mut alpha = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
     let req = v1alpha::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
-            "torchwire.v1.Inference".into(),
-        )),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "torchwire.v1.Inference".into(),
+            ),
+        ),
     };
-    let mut resp = alpha.server_reflection_info(futures::stream::iter([req])).await.unwrap().into_inner();
+    let mut resp = alpha
+        .server_reflection_info(futures::stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
     match resp.next().await.unwrap().unwrap().message_response {
         Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(fd)) => {
             assert!(!fd.file_descriptor_proto.is_empty())
@@ -283,14 +499,21 @@ async fn reflection_lists_the_services_in_v1_and_v1alpha() {
 async fn sigterm_drains_the_stream_in_flight_then_exits_zero() {
     let mut server = Server::start(&["--shutdown-grace", "60"]).await.unwrap();
     let mut c = client(&server).await;
-    let mut health = tonic_health::pb::health_client::HealthClient::new(server.channel().await.unwrap());
-    let mut stream = c.generate(request("A long time ago", 200)).await.unwrap().into_inner();
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(server.channel().await.unwrap());
+    let mut stream = c
+        .generate(request("A long time ago", 200))
+        .await
+        .unwrap()
+        .into_inner();
     let mut tokens = stream.next().await.unwrap().unwrap().token_ids.len();
     server.signal(libc::SIGTERM);
 
     // Health turns NOT_SERVING and new work is refused while the stream goes on.
     let mut watch = health
-        .watch(tonic_health::pb::HealthCheckRequest { service: String::new() })
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -326,11 +549,12 @@ async fn a_bad_config_fails_at_startup_naming_the_key() {
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("max_batch_size"), "{err}");
-    let out = std::process::Command::new(torchwire_integration_tests::binary_path("torchwire-server"))
-        .args(["--listen", "127.0.0.1:0"])
-        .env("TORCHWIRE_LISTEN", "x")
-        .env("TORCHWIRE_MODELS__X__DEVICE", "tpu")
-        .output()
-        .unwrap();
+    let out =
+        std::process::Command::new(torchwire_integration_tests::binary_path("torchwire-server"))
+            .args(["--listen", "127.0.0.1:0"])
+            .env("TORCHWIRE_LISTEN", "x")
+            .env("TORCHWIRE_MODELS__X__DEVICE", "tpu")
+            .output()
+            .unwrap();
     assert_eq!(out.status.code(), Some(64));
 }

@@ -16,6 +16,7 @@ use crate::api::{Generator, InferenceService, Models};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::ServerError;
+use crate::nats;
 
 const INFERENCE_SERVICE: &str = "torchwire.v1.Inference";
 
@@ -23,7 +24,9 @@ const INFERENCE_SERVICE: &str = "torchwire.v1.Inference";
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen_addr()?)
         .await
-        .map_err(|e| ServerError::config("listen", format!("cannot bind {}: {e}", config.listen)))?;
+        .map_err(|e| {
+            ServerError::config("listen", format!("cannot bind {}: {e}", config.listen))
+        })?;
     let addr = listener.local_addr()?;
     // The one line on stdout: tests and scripts read the bound address here.
     println!("torchwire-server listening on {addr}");
@@ -31,8 +34,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tracing::info!(%addr, "listening; loading models");
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_service_status("", ServingStatus::NotServing).await;
-    health.set_service_status(INFERENCE_SERVICE, ServingStatus::NotServing).await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(INFERENCE_SERVICE, ServingStatus::NotServing)
+        .await;
     let (models_tx, models_rx) = tokio::sync::watch::channel(None::<Generator>);
     let inference = InferenceServer::new(LateInference(models_rx));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -43,9 +50,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         .add_service(inference)
         // Nagle's algorithm would hold each small token message back for
         // the peer's delayed ACK (~40 ms): streaming needs TCP_NODELAY.
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), async {
-            let _ = stop_rx.await;
-        });
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async {
+                let _ = stop_rx.await;
+            },
+        );
     let server = tokio::spawn(server);
 
     tokio::pin!(shutdown);
@@ -56,19 +66,52 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             return Ok(());
         }
     };
+    let (phase_tx, phase_rx) = tokio::sync::watch::channel(nats::Phase::Running);
+    let consumer = if config.nats_enabled() {
+        let consumer = nats::Consumer::connect(&config.nats).await?;
+        Some(tokio::spawn(consumer.run(generator.clone(), phase_rx)))
+    } else {
+        None
+    };
     let _ = models_tx.send(Some(generator.clone()));
     health.set_service_status("", ServingStatus::Serving).await;
-    health.set_service_status(INFERENCE_SERVICE, ServingStatus::Serving).await;
+    health
+        .set_service_status(INFERENCE_SERVICE, ServingStatus::Serving)
+        .await;
     tracing::info!(%addr, "serving");
 
     shutdown.await;
-    tracing::info!(in_flight = generator.in_flight(), grace_secs = config.shutdown_grace_secs, "shutting down: draining");
-    health.set_service_status("", ServingStatus::NotServing).await;
-    health.set_service_status(INFERENCE_SERVICE, ServingStatus::NotServing).await;
+    tracing::info!(
+        in_flight = generator.in_flight(),
+        grace_secs = config.shutdown_grace_secs,
+        "shutting down: draining"
+    );
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(INFERENCE_SERVICE, ServingStatus::NotServing)
+        .await;
+    let _ = phase_tx.send(nats::Phase::Draining);
     generator.start_draining();
-    let left = generator.drain(Duration::from_secs(config.shutdown_grace_secs)).await;
+    let left = generator
+        .drain(Duration::from_secs(config.shutdown_grace_secs))
+        .await;
     if left > 0 {
-        tracing::warn!(in_flight = left, "grace period over; cancelling the streams left");
+        tracing::warn!(
+            in_flight = left,
+            "grace period over; cancelling the streams left"
+        );
+    }
+    let _ = phase_tx.send(nats::Phase::Abort);
+    if let Some(consumer) = consumer {
+        // Workers nak what they could not finish, then the consumer returns.
+        if tokio::time::timeout(Duration::from_secs(10), consumer)
+            .await
+            .is_err()
+        {
+            tracing::warn!("NATS consumer did not stop in time");
+        }
     }
     let _ = stop_tx.send(());
     // Streams cut by the grace period may keep connections open: do not wait long.
@@ -79,7 +122,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
 /// Loads every configured model, each on its own thread, concurrently.
 async fn load_models(config: &Config) -> Result<Models, ServerError> {
-    let starts = config.models.iter().map(|(name, m)| async move { (name.clone(), Engine::start(name, m).await) });
+    let starts = config
+        .models
+        .iter()
+        .map(|(name, m)| async move { (name.clone(), Engine::start(name, m).await) });
     let mut engines = BTreeMap::new();
     for (name, engine) in futures::future::join_all(starts).await {
         engines.insert(name, engine?);
@@ -105,7 +151,9 @@ impl LateInference {
     fn service(&self) -> Result<InferenceService, tonic::Status> {
         match self.0.borrow().as_ref() {
             Some(g) => Ok(InferenceService::new(g.clone())),
-            None => Err(tonic::Status::unavailable("the models are still loading; watch grpc.health.v1.Health")),
+            None => Err(tonic::Status::unavailable(
+                "the models are still loading; watch grpc.health.v1.Health",
+            )),
         }
     }
 }

@@ -27,7 +27,11 @@ const FOREIGN_ENV_KEYS: &[&str] = &["cache", "venv", "addr", "test_model", "pari
 
 /// Command-line flags. Each overrides the config key of the same name.
 #[derive(Debug, Default, Parser)]
-#[command(name = "torchwire-server", version, about = "Streams tokens from libtorch language models over gRPC")]
+#[command(
+    name = "torchwire-server",
+    version,
+    about = "Streams tokens from libtorch language models over gRPC"
+)]
 pub struct Cli {
     /// TOML config file (default: ./torchwire.toml if it exists).
     #[arg(long, value_name = "FILE")]
@@ -68,6 +72,18 @@ pub struct Cli {
     /// Log format: text or json (config: log_format).
     #[arg(long)]
     pub log_format: Option<String>,
+    /// NATS server URL(s); turns the JetStream request path on (config: nats.url).
+    #[arg(long, value_name = "URL")]
+    pub nats_url: Option<String>,
+    /// JetStream stream of the work queue (config: nats.stream; default TORCHWIRE).
+    #[arg(long)]
+    pub nats_stream: Option<String>,
+    /// Subject requests are published to (config: nats.subject; default torchwire.generate).
+    #[arg(long)]
+    pub nats_subject: Option<String>,
+    /// Durable pull consumer shared by the servers (config: nats.consumer; default torchwire-server).
+    #[arg(long)]
+    pub nats_consumer: Option<String>,
 }
 
 /// The whole server configuration.
@@ -86,6 +102,8 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     /// `text` or `json` log lines.
     pub log_format: LogFormat,
+    /// The NATS JetStream request path; on when `nats.url` is set.
+    pub nats: torchwire_nats::NatsConfig,
 }
 
 impl Default for Config {
@@ -97,6 +115,7 @@ impl Default for Config {
             threads: None,
             shutdown_grace_secs: 30,
             log_format: LogFormat::Text,
+            nats: torchwire_nats::NatsConfig::default(),
         }
     }
 }
@@ -154,7 +173,10 @@ impl Config {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         match &cli.config {
             Some(path) if !path.exists() => {
-                return Err(ServerError::config("--config", format!("{} does not exist", path.display())));
+                return Err(ServerError::config(
+                    "--config",
+                    format!("{} does not exist", path.display()),
+                ));
             }
             Some(path) => figment = figment.merge(Toml::file_exact(path)),
             None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
@@ -185,17 +207,42 @@ impl Config {
                 "json" => LogFormat::Json,
                 "text" => LogFormat::Text,
                 other => {
-                    return Err(ServerError::config("--log-format", format!("expected text or json, got {other:?}")))
+                    return Err(ServerError::config(
+                        "--log-format",
+                        format!("expected text or json, got {other:?}"),
+                    ))
                 }
             };
         }
+        let nats = &mut self.nats;
+        for (flag, value) in [
+            (&mut nats.stream, &cli.nats_stream),
+            (&mut nats.subject, &cli.nats_subject),
+            (&mut nats.consumer, &cli.nats_consumer),
+        ] {
+            if let Some(v) = value {
+                *flag = v.clone();
+            }
+        }
+        if let Some(url) = &cli.nats_url {
+            nats.url = Some(url.clone());
+        }
         if let Some(path) = &cli.model {
-            let name = cli.model_name.clone().unwrap_or_else(|| model_name_from_path(path));
+            let name = cli
+                .model_name
+                .clone()
+                .unwrap_or_else(|| model_name_from_path(path));
             self.models.entry(name).or_default().path = path.clone();
         }
         if self.models.is_empty() {
             let (name, path) = BUNDLED_MODEL;
-            self.models.insert(name.into(), ModelConfig { path: path.into(), ..Default::default() });
+            self.models.insert(
+                name.into(),
+                ModelConfig {
+                    path: path.into(),
+                    ..Default::default()
+                },
+            );
         }
         // Per-model flags apply to the model they name, else to every model.
         let targets: Vec<String> = match (&cli.model_name, &cli.model) {
@@ -204,7 +251,9 @@ impl Config {
             (None, None) => self.models.keys().cloned().collect(),
         };
         for name in targets {
-            let Some(m) = self.models.get_mut(&name) else { continue };
+            let Some(m) = self.models.get_mut(&name) else {
+                continue;
+            };
             if let Some(v) = &cli.device {
                 m.device = v.clone();
             }
@@ -230,48 +279,82 @@ impl Config {
     /// Checks every value; the error names the offending key.
     pub fn validate(&self) -> Result<(), ServerError> {
         self.listen_addr()?;
+        if self.nats_enabled() {
+            self.nats.validate().map_err(|e| match e {
+                torchwire_nats::NatsError::Config { key, message } => {
+                    ServerError::config(key, message)
+                }
+                other => ServerError::config("nats", other.to_string()),
+            })?;
+        }
         if let Some(0) = self.threads {
             return Err(ServerError::config("threads", "must be at least 1"));
         }
         if let Some(name) = &self.default_model {
             if !self.models.contains_key(name) {
-                return Err(ServerError::config("default_model", format!("no model named {name:?} is configured")));
+                return Err(ServerError::config(
+                    "default_model",
+                    format!("no model named {name:?} is configured"),
+                ));
             }
         }
         for (name, m) in &self.models {
             let key = |field: &str| format!("models.{name}.{field}");
             if name.is_empty() || name.contains(char::is_whitespace) {
-                return Err(ServerError::config(format!("models.{name:?}"), "model names must be non-empty without spaces"));
+                return Err(ServerError::config(
+                    format!("models.{name:?}"),
+                    "model names must be non-empty without spaces",
+                ));
             }
             if !m.path.join("config.json").is_file() {
                 return Err(ServerError::config(
                     key("path"),
-                    format!("{} has no config.json (expected a Hugging Face checkpoint directory)", m.path.display()),
+                    format!(
+                        "{} has no config.json (expected a Hugging Face checkpoint directory)",
+                        m.path.display()
+                    ),
                 ));
             }
-            crate::model::DeviceChoice::parse(&m.device).map_err(|msg| ServerError::config(key("device"), msg))?;
+            crate::model::DeviceChoice::parse(&m.device)
+                .map_err(|msg| ServerError::config(key("device"), msg))?;
             if let Some(dtype) = &m.dtype {
-                crate::model::parse_dtype(dtype).map_err(|msg| ServerError::config(key("dtype"), msg))?;
+                crate::model::parse_dtype(dtype)
+                    .map_err(|msg| ServerError::config(key("dtype"), msg))?;
             }
             if m.max_batch_size == 0 {
-                return Err(ServerError::config(key("max_batch_size"), "must be at least 1"));
+                return Err(ServerError::config(
+                    key("max_batch_size"),
+                    "must be at least 1",
+                ));
             }
             if m.max_batch_size > 1024 {
-                return Err(ServerError::config(key("max_batch_size"), "must be at most 1024"));
+                return Err(ServerError::config(
+                    key("max_batch_size"),
+                    "must be at most 1024",
+                ));
             }
             if let Some(ctx) = m.max_context {
                 if ctx < 2 {
-                    return Err(ServerError::config(key("max_context"), "must be at least 2"));
+                    return Err(ServerError::config(
+                        key("max_context"),
+                        "must be at least 2",
+                    ));
                 }
             }
             if m.kv_cache_mib == Some(0) {
-                return Err(ServerError::config(key("kv_cache_mib"), "must be at least 1"));
+                return Err(ServerError::config(
+                    key("kv_cache_mib"),
+                    "must be at least 1",
+                ));
             }
             if m.queue_size == 0 {
                 return Err(ServerError::config(key("queue_size"), "must be at least 1"));
             }
             if m.default_max_new_tokens == 0 {
-                return Err(ServerError::config(key("default_max_new_tokens"), "must be at least 1"));
+                return Err(ServerError::config(
+                    key("default_max_new_tokens"),
+                    "must be at least 1",
+                ));
             }
         }
         Ok(())
@@ -279,9 +362,20 @@ impl Config {
 
     /// The parsed listen address.
     pub fn listen_addr(&self) -> Result<SocketAddr, ServerError> {
-        self.listen
-            .parse()
-            .map_err(|e| ServerError::config("listen", format!("{:?} is not an address like 0.0.0.0:50051: {e}", self.listen)))
+        self.listen.parse().map_err(|e| {
+            ServerError::config(
+                "listen",
+                format!(
+                    "{:?} is not an address like 0.0.0.0:50051: {e}",
+                    self.listen
+                ),
+            )
+        })
+    }
+
+    /// True when the NATS request path is configured.
+    pub fn nats_enabled(&self) -> bool {
+        self.nats.url.as_deref().is_some_and(|u| !u.is_empty())
     }
 
     /// The name of the model used when a request names none.
@@ -302,12 +396,18 @@ impl EnvVars {
     fn new(env: &[(String, String)]) -> Self {
         let mut dict = Dict::new();
         for (key, value) in env {
-            let Some(rest) = key.strip_prefix("TORCHWIRE_") else { continue };
+            let Some(rest) = key.strip_prefix("TORCHWIRE_") else {
+                continue;
+            };
             let rest = rest.to_ascii_lowercase();
             if FOREIGN_ENV_KEYS.contains(&rest.as_str()) || rest.starts_with("scaler_") {
                 continue;
             }
-            let path: Vec<&str> = rest.split("__").collect();
+            // TORCHWIRE_NATS_URL -> nats.url, as the flag --nats-url.
+            let path: Vec<&str> = match rest.strip_prefix("nats_") {
+                Some(key) => vec!["nats", key],
+                None => rest.split("__").collect(),
+            };
             let value: Value = value.parse().unwrap_or_else(|_| Value::from(value.clone()));
             insert_nested(&mut dict, &path, value);
         }
@@ -332,7 +432,9 @@ fn insert_nested(dict: &mut Dict, path: &[&str], value: Value) {
             dict.insert((*last).to_string(), value);
         }
         [head, tail @ ..] => {
-            let entry = dict.entry((*head).to_string()).or_insert_with(|| Value::from(Dict::new()));
+            let entry = dict
+                .entry((*head).to_string())
+                .or_insert_with(|| Value::from(Dict::new()));
             if let Value::Dict(_, inner) = entry {
                 insert_nested(inner, tail, value);
             }
@@ -341,7 +443,11 @@ fn insert_nested(dict: &mut Dict, path: &[&str], value: Value) {
 }
 
 fn figment_error(err: figment::Error) -> ServerError {
-    let key = if err.path.is_empty() { "(root)".to_string() } else { err.path.join(".") };
+    let key = if err.path.is_empty() {
+        "(root)".to_string()
+    } else {
+        err.path.join(".")
+    };
     let source = err
         .metadata
         .as_ref()
@@ -369,11 +475,18 @@ mod tests {
     }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn cli_with_model(dir: &Path) -> Cli {
-        Cli { model: Some(dir.to_path_buf()), model_name: Some("m".into()), ..Default::default() }
+        Cli {
+            model: Some(dir.to_path_buf()),
+            model_name: Some("m".into()),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -398,17 +511,37 @@ mod tests {
         cli.config = Some(file.path().to_path_buf());
         // File only.
         let c = Config::load(&cli, &[]).unwrap();
-        assert_eq!((c.listen.as_str(), c.threads, c.models["m"].queue_size), ("127.0.0.1:1", Some(1), 3));
+        assert_eq!(
+            (c.listen.as_str(), c.threads, c.models["m"].queue_size),
+            ("127.0.0.1:1", Some(1), 3)
+        );
         // Env beats the file.
-        let e = env(&[("TORCHWIRE_LISTEN", "127.0.0.1:2"), ("TORCHWIRE_THREADS", "2"), ("TORCHWIRE_MODELS__M__QUEUE_SIZE", "7")]);
+        let e = env(&[
+            ("TORCHWIRE_LISTEN", "127.0.0.1:2"),
+            ("TORCHWIRE_THREADS", "2"),
+            ("TORCHWIRE_MODELS__M__QUEUE_SIZE", "7"),
+        ]);
         let c = Config::load(&cli, &e).unwrap();
-        assert_eq!((c.listen.as_str(), c.threads, c.models["m"].queue_size), ("127.0.0.1:2", Some(2), 7));
-        assert_eq!(c.shutdown_grace_secs, 5, "untouched keys keep the file's value");
+        assert_eq!(
+            (c.listen.as_str(), c.threads, c.models["m"].queue_size),
+            ("127.0.0.1:2", Some(2), 7)
+        );
+        assert_eq!(
+            c.shutdown_grace_secs, 5,
+            "untouched keys keep the file's value"
+        );
         // Flags beat env.
         cli.listen = Some("127.0.0.1:3".into());
         cli.queue_size = Some(9);
         let c = Config::load(&cli, &e).unwrap();
-        assert_eq!((c.listen.as_str(), c.models["m"].queue_size, c.models["m"].max_batch_size), ("127.0.0.1:3", 9, 4));
+        assert_eq!(
+            (
+                c.listen.as_str(),
+                c.models["m"].queue_size,
+                c.models["m"].max_batch_size
+            ),
+            ("127.0.0.1:3", 9, 4)
+        );
     }
 
     #[test]
@@ -418,9 +551,18 @@ mod tests {
         let cases = [
             (vec![("TORCHWIRE_LISTEN", "nowhere")], "listen"),
             (vec![("TORCHWIRE_THREADS", "many")], "threads"),
-            (vec![("TORCHWIRE_MODELS__M__MAX_BATCH_SIZE", "0")], "models.m.max_batch_size"),
-            (vec![("TORCHWIRE_MODELS__M__DEVICE", "tpu")], "models.m.device"),
-            (vec![("TORCHWIRE_MODELS__M__DTYPE", "int4")], "models.m.dtype"),
+            (
+                vec![("TORCHWIRE_MODELS__M__MAX_BATCH_SIZE", "0")],
+                "models.m.max_batch_size",
+            ),
+            (
+                vec![("TORCHWIRE_MODELS__M__DEVICE", "tpu")],
+                "models.m.device",
+            ),
+            (
+                vec![("TORCHWIRE_MODELS__M__DTYPE", "int4")],
+                "models.m.dtype",
+            ),
             (vec![("TORCHWIRE_DEFAULT_MODEL", "other")], "default_model"),
             (vec![("TORCHWIRE_LISTN", "x")], "listn"),
         ];
@@ -432,7 +574,10 @@ mod tests {
 
     #[test]
     fn a_missing_checkpoint_is_reported_with_its_key() {
-        let cli = Cli { model: Some("/nonexistent/ckpt".into()), ..Default::default() };
+        let cli = Cli {
+            model: Some("/nonexistent/ckpt".into()),
+            ..Default::default()
+        };
         let err = Config::load(&cli, &[]).unwrap_err().to_string();
         assert!(err.contains("models.ckpt.path"), "{err}");
     }
@@ -440,13 +585,61 @@ mod tests {
     #[test]
     fn foreign_torchwire_variables_are_ignored() {
         let ckpt = checkpoint();
-        let e = env(&[("TORCHWIRE_CACHE", "/x"), ("TORCHWIRE_ADDR", "http://h"), ("TORCHWIRE_SCALER_LISTEN", "x")]);
+        let e = env(&[
+            ("TORCHWIRE_CACHE", "/x"),
+            ("TORCHWIRE_ADDR", "http://h"),
+            ("TORCHWIRE_SCALER_LISTEN", "x"),
+        ]);
         assert!(Config::load(&cli_with_model(ckpt.path()), &e).is_ok());
     }
 
     #[test]
+    fn nats_settings_come_from_env_and_flags() {
+        let ckpt = checkpoint();
+        let mut cli = cli_with_model(ckpt.path());
+        let e = env(&[
+            ("TORCHWIRE_NATS_URL", "nats://a:4222"),
+            ("TORCHWIRE_NATS_ACK_WAIT_SECS", "7"),
+        ]);
+        let c = Config::load(&cli, &e).unwrap();
+        assert!(c.nats_enabled());
+        assert_eq!(
+            (
+                c.nats.url.as_deref(),
+                c.nats.ack_wait_secs,
+                c.nats.stream.as_str()
+            ),
+            (Some("nats://a:4222"), 7, "TORCHWIRE")
+        );
+        cli.nats_url = Some("nats://b:4222".into());
+        cli.nats_stream = Some("JOBS".into());
+        let c = Config::load(&cli, &e).unwrap();
+        assert_eq!(
+            (c.nats.url.as_deref(), c.nats.stream.as_str()),
+            (Some("nats://b:4222"), "JOBS")
+        );
+        let bad = env(&[
+            ("TORCHWIRE_NATS_URL", "nats://a:4222"),
+            ("TORCHWIRE_NATS_USER", "u"),
+        ]);
+        let err = Config::load(&cli_with_model(ckpt.path()), &bad)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nats."), "{err}");
+        assert!(!Config::load(&cli_with_model(ckpt.path()), &[])
+            .unwrap()
+            .nats_enabled());
+    }
+
+    #[test]
     fn a_missing_config_file_is_an_error() {
-        let cli = Cli { config: Some("/nonexistent/torchwire.toml".into()), ..Default::default() };
-        assert!(Config::load(&cli, &[]).unwrap_err().to_string().contains("--config"));
+        let cli = Cli {
+            config: Some("/nonexistent/torchwire.toml".into()),
+            ..Default::default()
+        };
+        assert!(Config::load(&cli, &[])
+            .unwrap_err()
+            .to_string()
+            .contains("--config"));
     }
 }

@@ -7,7 +7,10 @@ use tonic::{Code, Status};
 pub enum ServerError {
     /// The request is malformed; `field` names the offending request field.
     #[error("{field}: {message}")]
-    InvalidArgument { field: &'static str, message: String },
+    InvalidArgument {
+        field: &'static str,
+        message: String,
+    },
     /// No model is served under this name.
     #[error("model: no model named {0:?} is served (see ListModels)")]
     ModelNotFound(String),
@@ -25,7 +28,11 @@ pub enum ServerError {
     Compute { model: String, message: String },
     /// The model files could not be loaded.
     #[error("loading model {model:?} from {path}: {message}")]
-    Load { model: String, path: String, message: String },
+    Load {
+        model: String,
+        path: String,
+        message: String,
+    },
     /// The tokenizer rejected the input or output.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
@@ -37,12 +44,18 @@ pub enum ServerError {
 impl ServerError {
     /// Shorthand for [`ServerError::InvalidArgument`].
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
-        Self::InvalidArgument { field, message: message.into() }
+        Self::InvalidArgument {
+            field,
+            message: message.into(),
+        }
     }
 
     /// Shorthand for [`ServerError::Config`].
     pub fn config(key: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Config { key: key.into(), message: message.into() }
+        Self::Config {
+            key: key.into(),
+            message: message.into(),
+        }
     }
 
     /// The gRPC status code this error is reported with, on every transport.
@@ -71,12 +84,19 @@ mod tests {
     fn invalid_argument_names_the_field() {
         let status = Status::from(ServerError::invalid("top_p", "must be in (0, 1], got 1.5"));
         assert_eq!(status.code(), Code::InvalidArgument);
-        assert!(status.message().starts_with("top_p: "), "{}", status.message());
+        assert!(
+            status.message().starts_with("top_p: "),
+            "{}",
+            status.message()
+        );
     }
 
     #[test]
     fn overload_is_resource_exhausted() {
-        let err = ServerError::Overloaded { model: "m".into(), capacity: 4 };
+        let err = ServerError::Overloaded {
+            model: "m".into(),
+            capacity: 4,
+        };
         assert_eq!(Status::from(err).code(), Code::ResourceExhausted);
     }
 }

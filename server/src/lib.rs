@@ -7,4 +7,5 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod model;
+pub mod nats;
 pub mod telemetry;

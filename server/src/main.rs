@@ -24,7 +24,12 @@ fn main() -> ExitCode {
     if let Some(threads) = config.threads {
         tch::set_num_threads(threads as i32);
     }
-    tracing::info!(cuda_runtime = cuda, cuda_available = tch::Cuda::is_available(), threads = tch::get_num_threads(), "starting");
+    tracing::info!(
+        cuda_runtime = cuda,
+        cuda_available = tch::Cuda::is_available(),
+        threads = tch::get_num_threads(),
+        "starting"
+    );
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -32,19 +37,33 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(app::run(config, shutdown_signal())) {
-        Ok(()) => ExitCode::SUCCESS,
+    let code = match runtime.block_on(app::run(config, shutdown_signal())) {
+        Ok(()) => 0,
         Err(e) => {
             tracing::error!("{e:#}");
             eprintln!("torchwire-server: {e:#}");
-            ExitCode::FAILURE
+            1
         }
-    }
+    };
+    exit_now(code)
+}
+
+/// Ends the process without running libtorch's static destructors: a model
+/// thread may still be inside a tch call (its requests were cancelled or
+/// handed back), and tearing libtorch down under it can crash or hang.
+fn exit_now(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: _exit ends the process at once; everything that had to be
+    // delivered (gRPC streams, NATS acks) was flushed before run() returned.
+    unsafe { libc::_exit(code) }
 }
 
 /// Resolves on SIGTERM or SIGINT.
 async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),

@@ -45,7 +45,10 @@ struct Case {
 }
 
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// The bundled model, or another checkpoint named by TORCHWIRE_PARITY_MODEL.
@@ -65,8 +68,14 @@ fn reference(dir: &Path) -> Reference {
     for p in PROMPTS {
         cmd.arg("--prompt").arg(p);
     }
-    let out = cmd.output().expect("run python (source scripts/env.sh first)");
-    assert!(out.status.success(), "hf_reference.py failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .expect("run python (source scripts/env.sh first)");
+    assert!(
+        out.status.success(),
+        "hf_reference.py failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("reference JSON")
 }
 
@@ -75,23 +84,53 @@ async fn logits_and_greedy_tokens_match_transformers() {
     let dir = model_dir();
     let reference = reference(&dir);
     let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
-    let model = Llama::load(&dir, LoadOptions { device: Device::Cpu, kind: Kind::Float, max_positions: 256 }).unwrap();
-    let mut cache = KvCache::new(model.num_layers(), 1, model.kv_heads(), 256, model.head_dim(), Device::Cpu, Kind::Float).unwrap();
+    let model = Llama::load(
+        &dir,
+        LoadOptions {
+            device: Device::Cpu,
+            kind: Kind::Float,
+            max_positions: 256,
+        },
+    )
+    .unwrap();
+    let mut cache = KvCache::new(
+        model.num_layers(),
+        1,
+        model.kv_heads(),
+        256,
+        model.head_dim(),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
 
     for case in &reference.cases {
-        let ids = tokenizer.encode(case.prompt.as_str(), true).unwrap().get_ids().to_vec();
+        let ids = tokenizer
+            .encode(case.prompt.as_str(), true)
+            .unwrap()
+            .get_ids()
+            .to_vec();
         assert_eq!(ids, case.input_ids, "tokenization of {:?}", case.prompt);
         let ours = model.prefill(&ids, &mut cache, 0, true).unwrap();
         let rows: Vec<f32> = case.logits.iter().flatten().copied().collect();
         let theirs = Tensor::from_slice(&rows).view([case.logits.len() as i64, -1]);
         assert_eq!(ours.size(), theirs.size());
         let diff = (&ours - &theirs).abs().max().double_value(&[]);
-        assert!(diff < LOGIT_TOLERANCE, "{:?}: max |logit diff| = {diff}", case.prompt);
+        assert!(
+            diff < LOGIT_TOLERANCE,
+            "{:?}: max |logit diff| = {diff}",
+            case.prompt
+        );
     }
 
     // Greedy through the engine, all prompts submitted at once so that they
     // are decoded as one batch.
-    let config = ModelConfig { path: dir.clone(), device: "cpu".into(), max_batch_size: 8, ..Default::default() };
+    let config = ModelConfig {
+        path: dir.clone(),
+        device: "cpu".into(),
+        max_batch_size: 8,
+        ..Default::default()
+    };
     let engine = Engine::start("parity", &config).await.unwrap();
     let mut streams = Vec::new();
     for case in &reference.cases {
@@ -123,7 +162,18 @@ async fn logits_and_greedy_tokens_match_transformers() {
                 Event::Failed(e) => panic!("{e}"),
             }
         }
-        assert_eq!(ids, case.greedy_ids, "greedy continuation of {:?}", case.prompt);
+        assert_eq!(
+            ids, case.greedy_ids,
+            "greedy continuation of {:?}",
+            case.prompt
+        );
     }
-    assert!(engine.stats.peak_batch.load(std::sync::atomic::Ordering::Relaxed) > 1, "the prompts were not batched");
+    assert!(
+        engine
+            .stats
+            .peak_batch
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 1,
+        "the prompts were not batched"
+    );
 }

@@ -33,7 +33,11 @@ struct InFlight {
 
 impl Generator {
     pub fn new(models: Arc<Models>) -> Self {
-        Self { models, draining: Arc::new(AtomicBool::new(false)), in_flight: Arc::default() }
+        Self {
+            models,
+            draining: Arc::new(AtomicBool::new(false)),
+            in_flight: Arc::default(),
+        }
     }
 
     pub fn models(&self) -> &Models {
@@ -46,7 +50,11 @@ impl Generator {
             return Err(ServerError::ShuttingDown);
         }
         let engine = self.models.get(&req.model)?;
-        let request_id = if req.request_id.is_empty() { uuid::Uuid::new_v4().to_string() } else { req.request_id.clone() };
+        let request_id = if req.request_id.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            req.request_id.clone()
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let job = validate::job(req, &engine.info, &engine.tokenizer, request_id.clone(), tx)?;
         engine.submit(job)?;
@@ -124,7 +132,15 @@ impl ResponseStream {
                 .map(|l| pb::TokenLogprob {
                     token_id: l.token_id,
                     logprob: l.logprob,
-                    top: l.top.into_iter().map(|(token_id, token, logprob)| pb::TopLogprob { token_id, token, logprob }).collect(),
+                    top: l
+                        .top
+                        .into_iter()
+                        .map(|(token_id, token, logprob)| pb::TopLogprob {
+                            token_id,
+                            token,
+                            logprob,
+                        })
+                        .collect(),
                 })
                 .collect(),
             ..Default::default()
@@ -136,7 +152,10 @@ impl ResponseStream {
                 FinishReason::EndOfSequence => pb::FinishReason::EndOfSequence,
             } as i32;
             msg.stop_sequence = f.stop_sequence.unwrap_or_default();
-            msg.usage = Some(pb::Usage { prompt_tokens: f.prompt_tokens as u32, completion_tokens: f.completion_tokens as u32 });
+            msg.usage = Some(pb::Usage {
+                prompt_tokens: f.prompt_tokens as u32,
+                completion_tokens: f.completion_tokens as u32,
+            });
             msg.timings = Some(pb::Timings {
                 queue_ms: f.queue.as_secs_f64() * 1e3,
                 time_to_first_token_ms: f.time_to_first_token.as_secs_f64() * 1e3,
@@ -169,7 +188,10 @@ impl Stream for ResponseStream {
         // Merge whatever else is ready into this message.
         while finish.is_none() {
             match self.events.try_recv() {
-                Ok(Event::Step { chunk: more, finish: f }) => {
+                Ok(Event::Step {
+                    chunk: more,
+                    finish: f,
+                }) => {
                     chunk.token_ids.extend(more.token_ids);
                     chunk.text.push_str(&more.text);
                     chunk.logprobs.extend(more.logprobs);

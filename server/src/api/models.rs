@@ -19,7 +19,9 @@ impl Models {
     /// The engine for `name`; empty selects the default model.
     pub fn get(&self, name: &str) -> Result<&Engine, ServerError> {
         let name = if name.is_empty() { &self.default } else { name };
-        self.engines.get(name).ok_or_else(|| ServerError::ModelNotFound(name.to_string()))
+        self.engines
+            .get(name)
+            .ok_or_else(|| ServerError::ModelNotFound(name.to_string()))
     }
 
     pub fn default_name(&self) -> &str {

@@ -22,18 +22,27 @@ impl InferenceService {
     }
 }
 
-type GenerateStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send + 'static>>;
+type GenerateStream =
+    Pin<Box<dyn Stream<Item = Result<pb::GenerateResponse, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
 impl Inference for InferenceService {
     type GenerateStream = GenerateStream;
 
-    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<GenerateStream>, Status> {
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<GenerateStream>, Status> {
         let stream = self.generator.generate(request.get_ref())?;
-        Ok(Response::new(Box::pin(stream.map(|item| item.map_err(Status::from)))))
+        Ok(Response::new(Box::pin(
+            stream.map(|item| item.map_err(Status::from)),
+        )))
     }
 
-    async fn complete(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
+    async fn complete(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
         let mut stream = self.generator.generate(request.get_ref())?;
         let mut whole = pb::GenerateResponse::default();
         while let Some(msg) = stream.next().await {
@@ -51,7 +60,10 @@ impl Inference for InferenceService {
         Ok(Response::new(whole))
     }
 
-    async fn list_models(&self, _: Request<pb::ListModelsRequest>) -> Result<Response<pb::ListModelsResponse>, Status> {
+    async fn list_models(
+        &self,
+        _: Request<pb::ListModelsRequest>,
+    ) -> Result<Response<pb::ListModelsResponse>, Status> {
         let models = self.generator.models();
         let list = models
             .iter()
@@ -73,7 +85,10 @@ impl Inference for InferenceService {
         Ok(Response::new(pb::ListModelsResponse { models: list }))
     }
 
-    async fn tokenize(&self, request: Request<pb::TokenizeRequest>) -> Result<Response<pb::TokenizeResponse>, Status> {
+    async fn tokenize(
+        &self,
+        request: Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
         let req = request.into_inner();
         let engine = self.generator.models().get(&req.model)?;
         let encoding = engine
@@ -88,10 +103,17 @@ impl Inference for InferenceService {
         }))
     }
 
-    async fn get_stats(&self, request: Request<pb::GetStatsRequest>) -> Result<Response<pb::GetStatsResponse>, Status> {
+    async fn get_stats(
+        &self,
+        request: Request<pb::GetStatsRequest>,
+    ) -> Result<Response<pb::GetStatsResponse>, Status> {
         let name = request.into_inner().model;
         let models = self.generator.models();
-        let engines: Vec<_> = if name.is_empty() { models.iter().collect() } else { vec![models.get(&name)?] };
+        let engines: Vec<_> = if name.is_empty() {
+            models.iter().collect()
+        } else {
+            vec![models.get(&name)?]
+        };
         let stats = engines
             .into_iter()
             .map(|e| {

@@ -20,24 +20,43 @@ pub const MAX_REQUEST_ID_BYTES: usize = 128;
 pub fn sampling_params(req: &GenerateRequest) -> Result<SamplingParams, ServerError> {
     let t = req.temperature;
     if !t.is_finite() || t < 0.0 {
-        return Err(ServerError::invalid("temperature", format!("must be >= 0 (0 = greedy), got {t}")));
+        return Err(ServerError::invalid(
+            "temperature",
+            format!("must be >= 0 (0 = greedy), got {t}"),
+        ));
     }
     let top_p = match req.top_p {
         p if p == 0.0 => 1.0,
         p if p.is_finite() && p > 0.0 && p <= 1.0 => p,
-        p => return Err(ServerError::invalid("top_p", format!("must be in (0, 1] (0 = off), got {p}"))),
+        p => {
+            return Err(ServerError::invalid(
+                "top_p",
+                format!("must be in (0, 1] (0 = off), got {p}"),
+            ))
+        }
     };
     let min_p = req.min_p;
     if !min_p.is_finite() || !(0.0..=1.0).contains(&min_p) {
-        return Err(ServerError::invalid("min_p", format!("must be in [0, 1], got {min_p}")));
+        return Err(ServerError::invalid(
+            "min_p",
+            format!("must be in [0, 1], got {min_p}"),
+        ));
     }
     let repetition_penalty = match req.repetition_penalty {
         r if r == 0.0 => 1.0,
         r if r.is_finite() && r > 0.0 => r,
-        r => return Err(ServerError::invalid("repetition_penalty", format!("must be > 0 (1 = off), got {r}"))),
+        r => {
+            return Err(ServerError::invalid(
+                "repetition_penalty",
+                format!("must be > 0 (1 = off), got {r}"),
+            ))
+        }
     };
     if req.logprobs > MAX_LOGPROBS {
-        return Err(ServerError::invalid("logprobs", format!("must be at most {MAX_LOGPROBS}, got {}", req.logprobs)));
+        return Err(ServerError::invalid(
+            "logprobs",
+            format!("must be at most {MAX_LOGPROBS}, got {}", req.logprobs),
+        ));
     }
     Ok(SamplingParams {
         temperature: t,
@@ -53,14 +72,29 @@ pub fn sampling_params(req: &GenerateRequest) -> Result<SamplingParams, ServerEr
 /// Checks the stop sequences.
 pub fn stop_sequences(req: &GenerateRequest) -> Result<Vec<String>, ServerError> {
     if req.stop.len() > MAX_STOP_SEQUENCES {
-        return Err(ServerError::invalid("stop", format!("at most {MAX_STOP_SEQUENCES} stop sequences, got {}", req.stop.len())));
+        return Err(ServerError::invalid(
+            "stop",
+            format!(
+                "at most {MAX_STOP_SEQUENCES} stop sequences, got {}",
+                req.stop.len()
+            ),
+        ));
     }
     for (i, s) in req.stop.iter().enumerate() {
         if s.is_empty() {
-            return Err(ServerError::invalid("stop", format!("stop sequence {i} is empty")));
+            return Err(ServerError::invalid(
+                "stop",
+                format!("stop sequence {i} is empty"),
+            ));
         }
         if s.len() > MAX_STOP_BYTES {
-            return Err(ServerError::invalid("stop", format!("stop sequence {i} is {} bytes, at most {MAX_STOP_BYTES}", s.len())));
+            return Err(ServerError::invalid(
+                "stop",
+                format!(
+                    "stop sequence {i} is {} bytes, at most {MAX_STOP_BYTES}",
+                    s.len()
+                ),
+            ));
         }
     }
     Ok(req.stop.clone())
@@ -76,7 +110,10 @@ pub fn job(
 ) -> Result<Job, ServerError> {
     let arrived = Instant::now();
     if req.request_id.len() > MAX_REQUEST_ID_BYTES {
-        return Err(ServerError::invalid("request_id", format!("at most {MAX_REQUEST_ID_BYTES} bytes")));
+        return Err(ServerError::invalid(
+            "request_id",
+            format!("at most {MAX_REQUEST_ID_BYTES} bytes"),
+        ));
     }
     if req.prompt.is_empty() {
         return Err(ServerError::invalid("prompt", "must not be empty"));
@@ -95,7 +132,11 @@ pub fn job(
     if prompt_ids.len() >= context {
         return Err(ServerError::invalid(
             "prompt",
-            format!("is {} tokens; the model's context is {context} tokens, so at most {} fit", prompt_ids.len(), context - 1),
+            format!(
+                "is {} tokens; the model's context is {context} tokens, so at most {} fit",
+                prompt_ids.len(),
+                context - 1
+            ),
         ));
     }
     let room = context - prompt_ids.len();
@@ -130,7 +171,10 @@ mod tests {
     use super::*;
 
     fn req() -> GenerateRequest {
-        GenerateRequest { prompt: "hi".into(), ..Default::default() }
+        GenerateRequest {
+            prompt: "hi".into(),
+            ..Default::default()
+        }
     }
 
     fn field_of(err: ServerError) -> &'static str {
@@ -142,20 +186,72 @@ mod tests {
 
     #[test]
     fn defaults_are_greedy_without_filters() {
-        let p = sampling_params(&GenerateRequest { seed: Some(3), ..req() }).unwrap();
-        assert_eq!(p, SamplingParams { seed: 3, ..Default::default() });
+        let p = sampling_params(&GenerateRequest {
+            seed: Some(3),
+            ..req()
+        })
+        .unwrap();
+        assert_eq!(
+            p,
+            SamplingParams {
+                seed: 3,
+                ..Default::default()
+            }
+        );
     }
 
     #[test]
     fn each_bad_sampling_field_is_named() {
         let cases: Vec<(GenerateRequest, &str)> = vec![
-            (GenerateRequest { temperature: -0.5, ..req() }, "temperature"),
-            (GenerateRequest { temperature: f32::NAN, ..req() }, "temperature"),
-            (GenerateRequest { top_p: 1.5, ..req() }, "top_p"),
-            (GenerateRequest { top_p: -0.1, ..req() }, "top_p"),
-            (GenerateRequest { min_p: 1.1, ..req() }, "min_p"),
-            (GenerateRequest { repetition_penalty: -1.0, ..req() }, "repetition_penalty"),
-            (GenerateRequest { logprobs: 21, ..req() }, "logprobs"),
+            (
+                GenerateRequest {
+                    temperature: -0.5,
+                    ..req()
+                },
+                "temperature",
+            ),
+            (
+                GenerateRequest {
+                    temperature: f32::NAN,
+                    ..req()
+                },
+                "temperature",
+            ),
+            (
+                GenerateRequest {
+                    top_p: 1.5,
+                    ..req()
+                },
+                "top_p",
+            ),
+            (
+                GenerateRequest {
+                    top_p: -0.1,
+                    ..req()
+                },
+                "top_p",
+            ),
+            (
+                GenerateRequest {
+                    min_p: 1.1,
+                    ..req()
+                },
+                "min_p",
+            ),
+            (
+                GenerateRequest {
+                    repetition_penalty: -1.0,
+                    ..req()
+                },
+                "repetition_penalty",
+            ),
+            (
+                GenerateRequest {
+                    logprobs: 21,
+                    ..req()
+                },
+                "logprobs",
+            ),
         ];
         for (r, field) in cases {
             assert_eq!(field_of(sampling_params(&r).unwrap_err()), field);
@@ -164,13 +260,25 @@ mod tests {
 
     #[test]
     fn stop_sequences_are_bounded() {
-        let many = GenerateRequest { stop: vec!["x".into(); 9], ..req() };
+        let many = GenerateRequest {
+            stop: vec!["x".into(); 9],
+            ..req()
+        };
         assert_eq!(field_of(stop_sequences(&many).unwrap_err()), "stop");
-        let long = GenerateRequest { stop: vec!["x".repeat(129)], ..req() };
+        let long = GenerateRequest {
+            stop: vec!["x".repeat(129)],
+            ..req()
+        };
         assert_eq!(field_of(stop_sequences(&long).unwrap_err()), "stop");
-        let empty = GenerateRequest { stop: vec![String::new()], ..req() };
+        let empty = GenerateRequest {
+            stop: vec![String::new()],
+            ..req()
+        };
         assert_eq!(field_of(stop_sequences(&empty).unwrap_err()), "stop");
-        let ok = GenerateRequest { stop: vec!["\n".into(), "x".repeat(128)], ..req() };
+        let ok = GenerateRequest {
+            stop: vec!["\n".into(), "x".repeat(128)],
+            ..req()
+        };
         assert_eq!(stop_sequences(&ok).unwrap().len(), 2);
     }
 }

@@ -25,18 +25,34 @@ impl KvCache {
         device: Device,
         kind: Kind,
     ) -> Result<Self, TchError> {
-        let shape = [max_batch as i64, kv_heads as i64, max_context as i64, head_dim as i64];
+        let shape = [
+            max_batch as i64,
+            kv_heads as i64,
+            max_context as i64,
+            head_dim as i64,
+        ];
         let mut keys = Vec::with_capacity(layers);
         let mut values = Vec::with_capacity(layers);
         for _ in 0..layers {
             keys.push(Tensor::f_zeros(shape, (kind, device))?);
             values.push(Tensor::f_zeros(shape, (kind, device))?);
         }
-        Ok(Self { keys, values, max_batch, max_context })
+        Ok(Self {
+            keys,
+            values,
+            max_batch,
+            max_context,
+        })
     }
 
     /// Bytes one sequence of `max_context` tokens takes in the cache.
-    pub fn bytes_per_sequence(layers: usize, kv_heads: usize, max_context: usize, head_dim: usize, kind: Kind) -> u64 {
+    pub fn bytes_per_sequence(
+        layers: usize,
+        kv_heads: usize,
+        max_context: usize,
+        head_dim: usize,
+        kind: Kind,
+    ) -> u64 {
         (2 * layers * kv_heads * max_context * head_dim * kind.elt_size_in_bytes()) as u64
     }
 
@@ -50,16 +66,35 @@ impl KvCache {
 
     /// Stores a prompt's keys and values (`[1, kv_heads, T, head_dim]`) at
     /// positions `0..T` of `slot`.
-    pub fn write_prompt(&mut self, layer: usize, slot: usize, k: &Tensor, v: &Tensor) -> Result<(), TchError> {
+    pub fn write_prompt(
+        &mut self,
+        layer: usize,
+        slot: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(), TchError> {
         let t = k.size()[2];
-        self.keys[layer].f_narrow(0, slot as i64, 1)?.f_narrow(2, 0, t)?.f_copy_(k)?;
-        self.values[layer].f_narrow(0, slot as i64, 1)?.f_narrow(2, 0, t)?.f_copy_(v)?;
+        self.keys[layer]
+            .f_narrow(0, slot as i64, 1)?
+            .f_narrow(2, 0, t)?
+            .f_copy_(k)?;
+        self.values[layer]
+            .f_narrow(0, slot as i64, 1)?
+            .f_narrow(2, 0, t)?
+            .f_copy_(v)?;
         Ok(())
     }
 
     /// Stores one new token per sequence (`[B, kv_heads, 1, head_dim]`) for
     /// slots `slots[b]` at positions `positions[b]`.
-    pub fn write_step(&mut self, layer: usize, slots: &Tensor, positions: &Tensor, k: &Tensor, v: &Tensor) -> Result<(), TchError> {
+    pub fn write_step(
+        &mut self,
+        layer: usize,
+        slots: &Tensor,
+        positions: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(), TchError> {
         let index = [Some(slots), None, Some(positions)];
         let _ = self.keys[layer].f_index_put_(&index, &k.f_squeeze_dim(2)?, false)?;
         let _ = self.values[layer].f_index_put_(&index, &v.f_squeeze_dim(2)?, false)?;
@@ -69,8 +104,12 @@ impl KvCache {
     /// Keys and values of slots `0..batch`, positions `0..len`, as views.
     pub fn view(&self, layer: usize, batch: i64, len: i64) -> Result<(Tensor, Tensor), TchError> {
         Ok((
-            self.keys[layer].f_narrow(0, 0, batch)?.f_narrow(2, 0, len)?,
-            self.values[layer].f_narrow(0, 0, batch)?.f_narrow(2, 0, len)?,
+            self.keys[layer]
+                .f_narrow(0, 0, batch)?
+                .f_narrow(2, 0, len)?,
+            self.values[layer]
+                .f_narrow(0, 0, batch)?
+                .f_narrow(2, 0, len)?,
         ))
     }
 
@@ -80,8 +119,13 @@ impl KvCache {
             return Ok(());
         }
         for cache in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            let src = cache.f_narrow(0, from as i64, 1)?.f_narrow(2, 0, len as i64)?;
-            cache.f_narrow(0, to as i64, 1)?.f_narrow(2, 0, len as i64)?.f_copy_(&src)?;
+            let src = cache
+                .f_narrow(0, from as i64, 1)?
+                .f_narrow(2, 0, len as i64)?;
+            cache
+                .f_narrow(0, to as i64, 1)?
+                .f_narrow(2, 0, len as i64)?
+                .f_copy_(&src)?;
         }
         Ok(())
     }

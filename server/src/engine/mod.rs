@@ -53,29 +53,42 @@ impl Engine {
         let (ready_tx, ready_rx) = oneshot::channel();
         let (jobs_tx, jobs_rx) = mpsc::channel(config.queue_size as usize);
         let stats = Arc::new(Stats::default());
-        let (name_owned, config_owned, stats_thread) = (name.to_string(), config.clone(), stats.clone());
+        let (name_owned, config_owned, stats_thread) =
+            (name.to_string(), config.clone(), stats.clone());
         std::thread::Builder::new()
             .name(format!("model-{name}"))
-            .spawn(move || {
-                match load(&name_owned, &config_owned) {
-                    Ok((model, cache, tokenizer, info)) => {
-                        let scheduler = scheduler::Scheduler::new(
-                            name_owned, model, cache, tokenizer.clone(), jobs_rx, stats_thread,
-                        );
-                        if ready_tx.send(Ok((tokenizer, info))).is_ok() {
-                            scheduler.run();
-                        }
-                    }
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
+            .spawn(move || match load(&name_owned, &config_owned) {
+                Ok((model, cache, tokenizer, info)) => {
+                    let scheduler = scheduler::Scheduler::new(
+                        name_owned,
+                        model,
+                        cache,
+                        tokenizer.clone(),
+                        jobs_rx,
+                        stats_thread,
+                    );
+                    if ready_tx.send(Ok((tokenizer, info))).is_ok() {
+                        scheduler.run();
                     }
                 }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                }
             })
-            .map_err(|e| ServerError::Load { model: name.into(), path: config.path.display().to_string(), message: e.to_string() })?;
+            .map_err(|e| ServerError::Load {
+                model: name.into(),
+                path: config.path.display().to_string(),
+                message: e.to_string(),
+            })?;
         let (tokenizer, info) = ready_rx
             .await
             .map_err(|_| ServerError::EngineStopped(name.to_string()))??;
-        Ok(Self { info, tokenizer, stats, jobs: jobs_tx })
+        Ok(Self {
+            info,
+            tokenizer,
+            stats,
+            jobs: jobs_tx,
+        })
     }
 
     /// Queues a job; a full queue is refused at once.
@@ -83,9 +96,14 @@ impl Engine {
         self.jobs.try_send(job).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => {
                 Stats::add(&self.stats.rejected, 1);
-                ServerError::Overloaded { model: self.info.name.clone(), capacity: self.info.queue_size }
+                ServerError::Overloaded {
+                    model: self.info.name.clone(),
+                    capacity: self.info.queue_size,
+                }
             }
-            mpsc::error::TrySendError::Closed(_) => ServerError::EngineStopped(self.info.name.clone()),
+            mpsc::error::TrySendError::Closed(_) => {
+                ServerError::EngineStopped(self.info.name.clone())
+            }
         })
     }
 
@@ -118,23 +136,52 @@ fn load(name: &str, config: &ModelConfig) -> Result<Loaded, ServerError> {
         None => hf.max_position_embeddings.min(DEFAULT_CONTEXT_CAP),
     };
     let tokenizer = load_tokenizer(&config.path).map_err(&err)?;
-    let model = Llama::load(&config.path, LoadOptions { device, kind, max_positions: context }).map_err(&err)?;
-    let per_sequence = KvCache::bytes_per_sequence(model.num_layers(), model.kv_heads(), context, model.head_dim(), kind);
+    let model = Llama::load(
+        &config.path,
+        LoadOptions {
+            device,
+            kind,
+            max_positions: context,
+        },
+    )
+    .map_err(&err)?;
+    let per_sequence = KvCache::bytes_per_sequence(
+        model.num_layers(),
+        model.kv_heads(),
+        context,
+        model.head_dim(),
+        kind,
+    );
     let max_batch = match config.kv_cache_mib {
         Some(mib) => {
             let fits = (mib * 1024 * 1024 / per_sequence) as usize;
             if fits == 0 {
                 return Err(ServerError::config(
                     format!("models.{name}.kv_cache_mib"),
-                    format!("{mib} MiB holds no sequence of {context} tokens (one needs {:.1} MiB)", per_sequence as f64 / 1048576.0),
+                    format!(
+                        "{mib} MiB holds no sequence of {context} tokens (one needs {:.1} MiB)",
+                        per_sequence as f64 / 1048576.0
+                    ),
                 ));
             }
             fits.min(1024)
         }
         None => config.max_batch_size as usize,
     };
-    let mut cache = KvCache::new(model.num_layers(), max_batch, model.kv_heads(), context, model.head_dim(), device, kind)
-        .map_err(|e| err(format!("allocating the KV cache ({max_batch} x {context} tokens): {e}")))?;
+    let mut cache = KvCache::new(
+        model.num_layers(),
+        max_batch,
+        model.kv_heads(),
+        context,
+        model.head_dim(),
+        device,
+        kind,
+    )
+    .map_err(|e| {
+        err(format!(
+            "allocating the KV cache ({max_batch} x {context} tokens): {e}"
+        ))
+    })?;
     warm_up(&model, &mut cache).map_err(|e| err(format!("warm-up: {e}")))?;
     let info = ModelInfo {
         name: name.to_string(),

@@ -27,7 +27,10 @@ pub struct Job {
 #[derive(Debug)]
 pub enum Event {
     /// New tokens; `finish` is set on the last event of the request.
-    Step { chunk: Chunk, finish: Option<Finish> },
+    Step {
+        chunk: Chunk,
+        finish: Option<Finish>,
+    },
     /// The request failed; no more events follow.
     Failed(ServerError),
 }

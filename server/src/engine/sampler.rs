@@ -24,7 +24,15 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: 0, logprobs: 0 }
+        Self {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            seed: 0,
+            logprobs: 0,
+        }
     }
 }
 
@@ -71,10 +79,22 @@ impl Sampler {
         if self.params.repetition_penalty != 1.0 {
             apply_repetition_penalty(logits, history, self.params.repetition_penalty);
         }
-        let token = if self.params.is_greedy() { argmax(logits) } else { self.draw(logits) };
+        let token = if self.params.is_greedy() {
+            argmax(logits)
+        } else {
+            self.draw(logits)
+        };
         match logprobs {
-            None => Sampled { token, logprob: None, top: Vec::new() },
-            Some(lp) => Sampled { token, logprob: Some(lp[token as usize]), top: top_n(&lp, self.params.logprobs) },
+            None => Sampled {
+                token,
+                logprob: None,
+                top: Vec::new(),
+            },
+            Some(lp) => Sampled {
+                token,
+                logprob: Some(lp[token as usize]),
+                top: top_n(&lp, self.params.logprobs),
+            },
         }
     }
 
@@ -126,7 +146,9 @@ impl Sampler {
 pub fn apply_repetition_penalty(logits: &mut [f32], history: &[u32], penalty: f32) {
     let mut seen = vec![false; logits.len()];
     for &t in history {
-        let Some(flag) = seen.get_mut(t as usize) else { continue };
+        let Some(flag) = seen.get_mut(t as usize) else {
+            continue;
+        };
         if !*flag {
             *flag = true;
             let l = &mut logits[t as usize];
@@ -154,7 +176,11 @@ fn log_softmax(logits: &[f32]) -> Vec<f32> {
 }
 
 fn top_n(logprobs: &[f32], n: usize) -> Vec<(u32, f32)> {
-    let mut all: Vec<(u32, f32)> = logprobs.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+    let mut all: Vec<(u32, f32)> = logprobs
+        .iter()
+        .enumerate()
+        .map(|(i, &l)| (i as u32, l))
+        .collect();
     let n = n.min(all.len());
     if n == 0 {
         return Vec::new();
@@ -170,7 +196,11 @@ mod tests {
     use super::*;
 
     fn params(temperature: f32) -> SamplingParams {
-        SamplingParams { temperature, seed: 42, ..Default::default() }
+        SamplingParams {
+            temperature,
+            seed: 42,
+            ..Default::default()
+        }
     }
 
     fn counts(p: SamplingParams, logits: &[f32], n: usize) -> Vec<usize> {
@@ -196,7 +226,14 @@ mod tests {
     #[test]
     fn top_k_restricts_to_the_k_best() {
         let logits = [1.0, 2.0, 3.0, 4.0, 0.5];
-        let c = counts(SamplingParams { top_k: 2, ..params(1.0) }, &logits, 2000);
+        let c = counts(
+            SamplingParams {
+                top_k: 2,
+                ..params(1.0)
+            },
+            &logits,
+            2000,
+        );
         assert_eq!(c[0] + c[1] + c[4], 0, "{c:?}");
         assert!(c[2] > 0 && c[3] > c[2], "{c:?}");
     }
@@ -205,7 +242,14 @@ mod tests {
     fn top_p_keeps_the_smallest_set_reaching_p() {
         // probabilities ~ [0.643, 0.236, 0.087, 0.032]
         let logits = [3.0, 2.0, 1.0, 0.0];
-        let c = counts(SamplingParams { top_p: 0.8, ..params(1.0) }, &logits, 2000);
+        let c = counts(
+            SamplingParams {
+                top_p: 0.8,
+                ..params(1.0)
+            },
+            &logits,
+            2000,
+        );
         assert_eq!(c[2] + c[3], 0, "{c:?}");
         assert!(c[0] > 0 && c[1] > 0, "{c:?}");
     }
@@ -214,7 +258,14 @@ mod tests {
     fn min_p_drops_tokens_below_the_threshold() {
         // relative to the best: [1, 0.37, 0.135, 0.05]
         let logits = [3.0, 2.0, 1.0, 0.0];
-        let c = counts(SamplingParams { min_p: 0.2, ..params(1.0) }, &logits, 2000);
+        let c = counts(
+            SamplingParams {
+                min_p: 0.2,
+                ..params(1.0)
+            },
+            &logits,
+            2000,
+        );
         assert_eq!(c[2] + c[3], 0, "{c:?}");
         assert!(c[1] > 0, "{c:?}");
     }
@@ -236,7 +287,10 @@ mod tests {
 
     #[test]
     fn repetition_penalty_changes_the_greedy_choice() {
-        let mut s = Sampler::new(SamplingParams { repetition_penalty: 3.0, ..params(0.0) });
+        let mut s = Sampler::new(SamplingParams {
+            repetition_penalty: 3.0,
+            ..params(0.0)
+        });
         assert_eq!(s.sample(&mut [2.0, 1.0], &[0]).token, 1);
     }
 
@@ -244,8 +298,13 @@ mod tests {
     fn same_seed_same_tokens_other_seed_differs() {
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
         let run = |seed| {
-            let mut s = Sampler::new(SamplingParams { seed, ..params(1.0) });
-            (0..40).map(|_| s.sample(&mut logits.clone(), &[]).token).collect::<Vec<_>>()
+            let mut s = Sampler::new(SamplingParams {
+                seed,
+                ..params(1.0)
+            });
+            (0..40)
+                .map(|_| s.sample(&mut logits.clone(), &[]).token)
+                .collect::<Vec<_>>()
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
@@ -253,7 +312,10 @@ mod tests {
 
     #[test]
     fn logprobs_are_normalised_and_sorted() {
-        let mut s = Sampler::new(SamplingParams { logprobs: 2, ..params(0.0) });
+        let mut s = Sampler::new(SamplingParams {
+            logprobs: 2,
+            ..params(0.0)
+        });
         let out = s.sample(&mut [0.0, 1.0, 2.0], &[]);
         assert_eq!(out.token, 2);
         let total: f32 = [0.0f32, 1.0, 2.0].iter().map(|l| (l - 2.0f32).exp()).sum();

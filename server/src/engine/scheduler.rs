@@ -54,7 +54,15 @@ impl Scheduler {
         jobs: mpsc::Receiver<Job>,
         stats: Arc<Stats>,
     ) -> Self {
-        Self { name, model, cache, tokenizer, jobs, stats, running: Vec::new() }
+        Self {
+            name,
+            model,
+            cache,
+            tokenizer,
+            jobs,
+            stats,
+            running: Vec::new(),
+        }
     }
 
     /// Serves jobs until every sender is gone and the batch has drained.
@@ -95,7 +103,9 @@ impl Scheduler {
         }
         let started = Instant::now();
         let slot = self.running.len();
-        let logits = self.model.prefill(&job.prompt_ids, &mut self.cache, slot, false);
+        let logits = self
+            .model
+            .prefill(&job.prompt_ids, &mut self.cache, slot, false);
         Stats::add(&self.stats.prefills, 1);
         let mut row = match logits.and_then(|l| Vec::<f32>::try_from(&l)) {
             Ok(row) => row,
@@ -159,9 +169,20 @@ impl Scheduler {
     /// Samples one token per row of `logits` (`[B, vocab]`, float32). Plain
     /// greedy batches take an argmax on the device and copy only the ids.
     fn sample_batch(&mut self, logits: &Tensor) -> Result<Vec<Sampled>, tch::TchError> {
-        if self.running.iter().all(|s| s.sampler.params().is_plain_argmax()) {
+        if self
+            .running
+            .iter()
+            .all(|s| s.sampler.params().is_plain_argmax())
+        {
             let ids = Vec::<i64>::try_from(&logits.f_argmax(-1, false)?.f_to_kind(Kind::Int64)?)?;
-            return Ok(ids.into_iter().map(|t| Sampled { token: t as u32, logprob: None, top: Vec::new() }).collect());
+            return Ok(ids
+                .into_iter()
+                .map(|t| Sampled {
+                    token: t as u32,
+                    logprob: None,
+                    top: Vec::new(),
+                })
+                .collect());
         }
         let vocab = logits.size()[1] as usize;
         let mut all = Vec::<f32>::try_from(&logits.f_flatten(0, -1)?)?;
@@ -185,10 +206,21 @@ impl Scheduler {
         let first = *seq.first_token.get_or_insert(now);
 
         let tokenizer: &dyn Decode = self.tokenizer.as_ref();
-        let mut chunk = Chunk { token_ids: vec![token], ..Default::default() };
+        let mut chunk = Chunk {
+            token_ids: vec![token],
+            ..Default::default()
+        };
         if let Some(logprob) = sampled.logprob {
-            let top = sampled.top.iter().map(|&(id, lp)| (id, tokenizer.decode(&[id]), lp)).collect();
-            chunk.logprobs.push(TokenLogprob { token_id: token, logprob, top });
+            let top = sampled
+                .top
+                .iter()
+                .map(|&(id, lp)| (id, tokenizer.decode(&[id]), lp))
+                .collect();
+            chunk.logprobs.push(TokenLogprob {
+                token_id: token,
+                logprob,
+                top,
+            });
         }
         let eos = !seq.job.ignore_eos && self.model.eos_token_ids.contains(&token);
         let mut reason = None;
@@ -256,7 +288,10 @@ impl Scheduler {
 
     fn fail(&self, job: Job, message: &str) {
         tracing::error!(model = %self.name, request_id = %job.request_id, error = %message, "request failed");
-        let err = ServerError::Compute { model: self.name.clone(), message: message.to_string() };
+        let err = ServerError::Compute {
+            model: self.name.clone(),
+            message: message.to_string(),
+        };
         let _ = job.events.send(Event::Failed(err));
     }
 

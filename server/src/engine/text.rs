@@ -37,7 +37,13 @@ pub struct TextStream {
 
 impl TextStream {
     pub fn new(stops: Vec<String>) -> Self {
-        Self { ids: Vec::new(), prefix: 0, read: 0, pending: String::new(), stops }
+        Self {
+            ids: Vec::new(),
+            prefix: 0,
+            read: 0,
+            pending: String::new(),
+            stops,
+        }
     }
 
     /// Adds a generated token; returns the text that became safe to send.
@@ -46,7 +52,8 @@ impl TextStream {
         let before = decoder.decode(&self.ids[self.prefix..self.read]);
         let after = decoder.decode(&self.ids[self.prefix..]);
         // An incomplete character decodes to U+FFFD: wait for the next token.
-        if after.len() <= before.len() || after.ends_with('\u{FFFD}') || !after.starts_with(&before) {
+        if after.len() <= before.len() || after.ends_with('\u{FFFD}') || !after.starts_with(&before)
+        {
             return TextDelta::default();
         }
         self.pending.push_str(&after[before.len()..]);
@@ -80,7 +87,10 @@ impl TextStream {
             let stop = stop.clone();
             let text = self.pending[..at].to_string();
             self.pending.clear();
-            return TextDelta { text, stop: Some(stop) };
+            return TextDelta {
+                text,
+                stop: Some(stop),
+            };
         }
         // Hold back the longest tail that is a prefix of some stop sequence.
         let hold = self
@@ -105,7 +115,13 @@ mod tests {
         fn decode(&self, ids: &[u32]) -> String {
             let bytes: Vec<u8> = ids
                 .iter()
-                .flat_map(|&i| if i < 256 { vec![i as u8] } else { format!("<{i}>").into_bytes() })
+                .flat_map(|&i| {
+                    if i < 256 {
+                        vec![i as u8]
+                    } else {
+                        format!("<{i}>").into_bytes()
+                    }
+                })
                 .collect();
             String::from_utf8_lossy(&bytes).into_owned()
         }

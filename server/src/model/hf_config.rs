@@ -101,8 +101,10 @@ impl HfConfig {
     /// Reads and checks `dir/config.json`.
     pub fn read(dir: &Path) -> Result<Self, String> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let config: Self = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let text =
+            std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let config: Self =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         config.check()?;
         Ok(config)
     }
@@ -117,14 +119,23 @@ impl HfConfig {
         }
         if let Some(act) = &self.hidden_act {
             if act != "silu" {
-                return Err(format!("config.json: hidden_act {act:?} is not supported (only silu)"));
+                return Err(format!(
+                    "config.json: hidden_act {act:?} is not supported (only silu)"
+                ));
             }
         }
-        if self.num_attention_heads == 0 || self.num_kv_heads() == 0 || self.num_attention_heads % self.num_kv_heads() != 0 {
-            return Err("config.json: num_attention_heads must be a multiple of num_key_value_heads".into());
+        if self.num_attention_heads == 0
+            || self.num_kv_heads() == 0
+            || self.num_attention_heads % self.num_kv_heads() != 0
+        {
+            return Err(
+                "config.json: num_attention_heads must be a multiple of num_key_value_heads".into(),
+            );
         }
         if self.head_dim() % 2 != 0 {
-            return Err("config.json: the head dimension must be even for rotary embeddings".into());
+            return Err(
+                "config.json: the head dimension must be even for rotary embeddings".into(),
+            );
         }
         Ok(())
     }
@@ -134,7 +145,8 @@ impl HfConfig {
     }
 
     pub fn head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
     }
 
     /// Qwen2 always has q/k/v biases; Llama only with attention_bias.
@@ -148,7 +160,10 @@ impl HfConfig {
     }
 
     pub fn rope_theta(&self) -> f64 {
-        self.rope_parameters.as_ref().and_then(|r| r.rope_theta).unwrap_or(self.rope_theta)
+        self.rope_parameters
+            .as_ref()
+            .and_then(|r| r.rope_theta)
+            .unwrap_or(self.rope_theta)
     }
 
     pub fn architecture(&self) -> String {

@@ -92,7 +92,14 @@ impl Llama {
                 gate_up: Tensor::cat(&[gate, up], 0),
                 down: w.take(&p("mlp.down_proj.weight"))?,
             };
-            for t in [&layer.input_norm, &layer.qkv, &layer.o, &layer.post_norm, &layer.gate_up, &layer.down] {
+            for t in [
+                &layer.input_norm,
+                &layer.qkv,
+                &layer.o,
+                &layer.post_norm,
+                &layer.gate_up,
+                &layer.down,
+            ] {
                 count(t);
             }
             if let Some(b) = &layer.qkv_bias {
@@ -101,7 +108,9 @@ impl Llama {
             // Llama checkpoints with attention_bias also carry an o_proj bias.
             if let Some(bias) = w.take_optional(&p("self_attn.o_proj.bias")) {
                 if bias.abs().max().double_value(&[]) != 0.0 {
-                    return Err(format!("layer {i}: a non-zero o_proj bias is not supported"));
+                    return Err(format!(
+                        "layer {i}: a non-zero o_proj bias is not supported"
+                    ));
                 }
             }
             layers.push(layer);
@@ -116,7 +125,11 @@ impl Llama {
             _ => embed.shallow_clone(),
         };
         // Rotary inv-freq buffers are recomputed from the config.
-        let leftover: Vec<&str> = w.remaining().into_iter().filter(|n| !n.ends_with("rotary_emb.inv_freq")).collect();
+        let leftover: Vec<&str> = w
+            .remaining()
+            .into_iter()
+            .filter(|n| !n.ends_with("rotary_emb.inv_freq"))
+            .collect();
         if !leftover.is_empty() {
             tracing::warn!(tensors = ?leftover, "checkpoint tensors not used by the decoder");
         }
@@ -153,34 +166,67 @@ impl Llama {
     /// Runs a prompt for the sequence in `slot`, filling its cache entries
     /// `0..tokens.len()`. Returns float32 logits: of the last position
     /// (`[vocab]`), or of every position (`[T, vocab]`) when `all_positions`.
-    pub fn prefill(&self, tokens: &[u32], cache: &mut KvCache, slot: usize, all_positions: bool) -> Result<Tensor, TchError> {
+    pub fn prefill(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        slot: usize,
+        all_positions: bool,
+    ) -> Result<Tensor, TchError> {
         let _guard = tch::no_grad_guard();
         let t = tokens.len() as i64;
         let ids = ids_tensor(tokens, self.device)?.f_view([1, t])?;
-        let cos = self.rope.cos.f_narrow(0, 0, t)?.f_view([1, t, 1, self.head_dim])?;
-        let sin = self.rope.sin.f_narrow(0, 0, t)?.f_view([1, t, 1, self.head_dim])?;
+        let cos = self
+            .rope
+            .cos
+            .f_narrow(0, 0, t)?
+            .f_view([1, t, 1, self.head_dim])?;
+        let sin = self
+            .rope
+            .sin
+            .f_narrow(0, 0, t)?
+            .f_view([1, t, 1, self.head_dim])?;
         let mut h = Tensor::f_embedding(&self.embed, &ids, -1, false, false)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let (q, k, v) = self.attention_inputs(layer, &h, &cos, &sin)?;
             cache.write_prompt(i, slot, &k, &v)?;
             // A fresh prompt attends only to itself: plain causal attention.
-            let attn = Tensor::f_scaled_dot_product_attention::<Tensor>(&q, &k, &v, None, 0.0, true, None, true)?;
+            let attn = Tensor::f_scaled_dot_product_attention::<Tensor>(
+                &q, &k, &v, None, 0.0, true, None, true,
+            )?;
             h = self.finish_layer(layer, h, &attn)?;
         }
-        let h = if all_positions { h.f_squeeze_dim(0)? } else { h.f_select(1, t - 1)?.f_squeeze_dim(0)? };
+        let h = if all_positions {
+            h.f_squeeze_dim(0)?
+        } else {
+            h.f_select(1, t - 1)?.f_squeeze_dim(0)?
+        };
         self.logits(&h)
     }
 
     /// One decode step for the sequences in slots `0..B`: `tokens[b]` is fed
     /// at position `positions[b]`. Returns float32 logits `[B, vocab]`.
-    pub fn decode(&self, tokens: &[u32], positions: &[usize], cache: &mut KvCache) -> Result<Tensor, TchError> {
+    pub fn decode(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        cache: &mut KvCache,
+    ) -> Result<Tensor, TchError> {
         let _guard = tch::no_grad_guard();
         let b = tokens.len() as i64;
         let ids = ids_tensor(tokens, self.device)?.f_view([b, 1])?;
         let pos: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
         let pos_t = Tensor::from_slice(&pos).f_to_device(self.device)?;
-        let cos = self.rope.cos.f_index_select(0, &pos_t)?.f_view([b, 1, 1, self.head_dim])?;
-        let sin = self.rope.sin.f_index_select(0, &pos_t)?.f_view([b, 1, 1, self.head_dim])?;
+        let cos = self
+            .rope
+            .cos
+            .f_index_select(0, &pos_t)?
+            .f_view([b, 1, 1, self.head_dim])?;
+        let sin = self
+            .rope
+            .sin
+            .f_index_select(0, &pos_t)?
+            .f_view([b, 1, 1, self.head_dim])?;
         // Each sequence sees its own prefix: positions 0..=pos[b].
         let len = pos.iter().max().copied().unwrap_or(0) + 1;
         // Additive mask, 0 where visible and -inf beyond each sequence's
@@ -205,17 +251,30 @@ impl Llama {
 
     /// Norm, fused q/k/v projection and rotary embedding. Returns q, k, v as
     /// `[B, heads, T, head_dim]`.
-    fn attention_inputs(&self, layer: &Layer, h: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, Tensor), TchError> {
+    fn attention_inputs(
+        &self,
+        layer: &Layer,
+        h: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor), TchError> {
         let (b, t) = (h.size()[0], h.size()[1]);
         let x = self.rms_norm(h, &layer.input_norm)?;
-        let qkv = x
-            .f_linear(&layer.qkv, layer.qkv_bias.as_ref())?
-            .f_view([b, t, self.heads + 2 * self.kv_heads, self.head_dim])?;
+        let qkv = x.f_linear(&layer.qkv, layer.qkv_bias.as_ref())?.f_view([
+            b,
+            t,
+            self.heads + 2 * self.kv_heads,
+            self.head_dim,
+        ])?;
         // Rotate q and k together: one set of ops for both.
         let qk = rope::apply(&qkv.f_narrow(2, 0, self.heads + self.kv_heads)?, cos, sin)?;
         let q = qk.f_narrow(2, 0, self.heads)?.f_transpose(1, 2)?;
-        let k = qk.f_narrow(2, self.heads, self.kv_heads)?.f_transpose(1, 2)?;
-        let v = qkv.f_narrow(2, self.heads + self.kv_heads, self.kv_heads)?.f_transpose(1, 2)?;
+        let k = qk
+            .f_narrow(2, self.heads, self.kv_heads)?
+            .f_transpose(1, 2)?;
+        let v = qkv
+            .f_narrow(2, self.heads + self.kv_heads, self.kv_heads)?
+            .f_transpose(1, 2)?;
         Ok((q, k, v))
     }
 
@@ -223,21 +282,34 @@ impl Llama {
     /// Query heads are grouped by the KV head they share, so keys and values
     /// are read in place from the cache view, never repeated per head.
     /// `q`: `[B, heads, 1, d]`; keys/values: `[B, kv_heads, len, d]`.
-    fn decode_attention(&self, q: &Tensor, keys: &Tensor, values: &Tensor, mask: &Tensor) -> Result<Tensor, TchError> {
+    fn decode_attention(
+        &self,
+        q: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+        mask: &Tensor,
+    ) -> Result<Tensor, TchError> {
         let b = q.size()[0];
         let group = self.heads / self.kv_heads;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let q = q.f_reshape([b, self.kv_heads, group, self.head_dim])?;
-        let scores = q.f_matmul(&keys.f_transpose(2, 3)?)?.f_mul_scalar(scale)?.f_add(mask)?;
+        let scores = q
+            .f_matmul(&keys.f_transpose(2, 3)?)?
+            .f_mul_scalar(scale)?
+            .f_add(mask)?;
         let probs = scores.f_softmax(-1, scores.kind())?;
         // [B, kv_heads, group, d] -> [B, heads, 1, d]
-        probs.f_matmul(values)?.f_reshape([b, self.heads, 1, self.head_dim])
+        probs
+            .f_matmul(values)?
+            .f_reshape([b, self.heads, 1, self.head_dim])
     }
 
     /// Output projection, residual, and the SwiGLU MLP with its residual.
     fn finish_layer(&self, layer: &Layer, h: Tensor, attn: &Tensor) -> Result<Tensor, TchError> {
         let (b, t) = (h.size()[0], h.size()[1]);
-        let attn = attn.f_transpose(1, 2)?.f_reshape([b, t, self.heads * self.head_dim])?;
+        let attn = attn
+            .f_transpose(1, 2)?
+            .f_reshape([b, t, self.heads * self.head_dim])?;
         let h = h.f_add(&attn.f_linear::<Tensor>(&layer.o, None)?)?;
         let x = self.rms_norm(&h, &layer.post_norm)?;
         let gate_up = x.f_linear::<Tensor>(&layer.gate_up, None)?;
@@ -248,19 +320,28 @@ impl Llama {
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor, TchError> {
         if self.kind == Kind::Float {
-            return x.f_rms_norm([self.config.hidden_size as i64], Some(weight), self.config.rms_norm_eps);
+            return x.f_rms_norm(
+                [self.config.hidden_size as i64],
+                Some(weight),
+                self.config.rms_norm_eps,
+            );
         }
         // Half precision: normalise in float32 as transformers does, then scale.
         let normed = x
             .f_to_kind(Kind::Float)?
-            .f_rms_norm::<Tensor>([self.config.hidden_size as i64], None, self.config.rms_norm_eps)?
+            .f_rms_norm::<Tensor>(
+                [self.config.hidden_size as i64],
+                None,
+                self.config.rms_norm_eps,
+            )?
             .f_to_kind(self.kind)?;
         normed.f_mul(weight)
     }
 
     fn logits(&self, h: &Tensor) -> Result<Tensor, TchError> {
         let x = self.rms_norm(h, &self.norm)?;
-        x.f_linear::<Tensor>(&self.lm_head, None)?.f_to_kind(Kind::Float)
+        x.f_linear::<Tensor>(&self.lm_head, None)?
+            .f_to_kind(Kind::Float)
     }
 }
 

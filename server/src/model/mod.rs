@@ -45,7 +45,9 @@ impl DeviceChoice {
                 if n < count {
                     Ok(Device::Cuda(n))
                 } else {
-                    Err(format!("cuda:{n} requested but {count} CUDA device(s) are available"))
+                    Err(format!(
+                        "cuda:{n} requested but {count} CUDA device(s) are available"
+                    ))
                 }
             }
         }
@@ -58,7 +60,9 @@ pub fn parse_dtype(s: &str) -> Result<Kind, String> {
         "float32" | "f32" | "fp32" => Ok(Kind::Float),
         "bfloat16" | "bf16" => Ok(Kind::BFloat16),
         "float16" | "f16" | "fp16" | "half" => Ok(Kind::Half),
-        other => Err(format!("expected float32, bfloat16 or float16, got {other:?}")),
+        other => Err(format!(
+            "expected float32, bfloat16 or float16, got {other:?}"
+        )),
     }
 }
 
@@ -85,12 +89,19 @@ pub fn device_name(device: Device) -> String {
 /// loading it by hand `tch::Cuda::is_available()` is false even on a GPU
 /// machine. Skipped where no NVIDIA driver is present; failure just means CPU.
 pub fn load_cuda_runtime() -> bool {
-    if !std::path::Path::new("/proc/driver/nvidia").exists() && !std::path::Path::new("/dev/nvidiactl").exists() {
+    if !std::path::Path::new("/proc/driver/nvidia").exists()
+        && !std::path::Path::new("/dev/nvidiactl").exists()
+    {
         return false;
     }
     // SAFETY: dlopen with a NUL-terminated constant name; the handle is
     // intentionally leaked so the library stays loaded for the process.
-    let handle = unsafe { libc::dlopen(c"libtorch_cuda.so".as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
+    let handle = unsafe {
+        libc::dlopen(
+            c"libtorch_cuda.so".as_ptr(),
+            libc::RTLD_NOW | libc::RTLD_GLOBAL,
+        )
+    };
     !handle.is_null()
 }
 

@@ -9,11 +9,18 @@ use super::hf_config::HfConfig;
 pub fn inverse_frequencies(config: &HfConfig) -> Vec<f64> {
     let dim = config.head_dim();
     let theta = config.rope_theta();
-    let mut inv: Vec<f64> = (0..dim / 2).map(|i| 1.0 / theta.powf((2 * i) as f64 / dim as f64)).collect();
+    let mut inv: Vec<f64> = (0..dim / 2)
+        .map(|i| 1.0 / theta.powf((2 * i) as f64 / dim as f64))
+        .collect();
     if let Some(rope) = config.rope() {
         if rope.rope_type.as_deref() == Some("llama3") {
-            llama3_scale(&mut inv, rope.factor.unwrap_or(8.0), rope.low_freq_factor.unwrap_or(1.0),
-                rope.high_freq_factor.unwrap_or(4.0), rope.original_max_position_embeddings.unwrap_or(8192) as f64);
+            llama3_scale(
+                &mut inv,
+                rope.factor.unwrap_or(8.0),
+                rope.low_freq_factor.unwrap_or(1.0),
+                rope.high_freq_factor.unwrap_or(4.0),
+                rope.original_max_position_embeddings.unwrap_or(8192) as f64,
+            );
         } else if rope.rope_type.as_deref() == Some("linear") {
             let factor = rope.factor.unwrap_or(1.0);
             inv.iter_mut().for_each(|f| *f /= factor);
@@ -23,7 +30,13 @@ pub fn inverse_frequencies(config: &HfConfig) -> Vec<f64> {
 }
 
 /// transformers' `_compute_llama3_parameters`.
-fn llama3_scale(inv: &mut [f64], factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max: f64) {
+fn llama3_scale(
+    inv: &mut [f64],
+    factor: f64,
+    low_freq_factor: f64,
+    high_freq_factor: f64,
+    original_max: f64,
+) {
     let low_freq_wavelen = original_max / low_freq_factor;
     let high_freq_wavelen = original_max / high_freq_factor;
     for f in inv.iter_mut() {
@@ -31,7 +44,8 @@ fn llama3_scale(inv: &mut [f64], factor: f64, low_freq_factor: f64, high_freq_fa
         if wavelen > low_freq_wavelen {
             *f /= factor;
         } else if wavelen >= high_freq_wavelen {
-            let smooth = (original_max / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+            let smooth =
+                (original_max / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
             *f = (1.0 - smooth) * *f / factor + smooth * *f;
         }
     }
@@ -63,8 +77,14 @@ impl RopeTables {
         }
         let shape = [max_positions as i64, (half * 2) as i64];
         Self {
-            cos: Tensor::from_slice(&cos).view(shape).to_device(device).to_kind(kind),
-            sin: Tensor::from_slice(&sin).view(shape).to_device(device).to_kind(kind),
+            cos: Tensor::from_slice(&cos)
+                .view(shape)
+                .to_device(device)
+                .to_kind(kind),
+            sin: Tensor::from_slice(&sin)
+                .view(shape)
+                .to_device(device)
+                .to_kind(kind),
         }
     }
 }

@@ -18,13 +18,18 @@ impl Weights {
     pub fn load(dir: &Path, device: Device, kind: Kind) -> Result<Self, String> {
         let mut tensors = HashMap::new();
         for file in shard_files(dir)? {
-            let handle = std::fs::File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
+            let handle =
+                std::fs::File::open(&file).map_err(|e| format!("{}: {e}", file.display()))?;
             // SAFETY: the checkpoint is opened read-only and not expected to be
             // modified while the server loads it; the map is dropped below.
-            let mmap = unsafe { memmap2::Mmap::map(&handle) }.map_err(|e| format!("{}: {e}", file.display()))?;
-            let st = SafeTensors::deserialize(&mmap).map_err(|e| format!("{}: {e}", file.display()))?;
+            let mmap = unsafe { memmap2::Mmap::map(&handle) }
+                .map_err(|e| format!("{}: {e}", file.display()))?;
+            let st =
+                SafeTensors::deserialize(&mmap).map_err(|e| format!("{}: {e}", file.display()))?;
             for (name, view) in st.tensors() {
-                let host: Tensor = view.try_into().map_err(|e| format!("{}: {name}: {e}", file.display()))?;
+                let host: Tensor = view
+                    .try_into()
+                    .map_err(|e| format!("{}: {name}: {e}", file.display()))?;
                 let moved = host
                     .f_to_device(device)
                     .and_then(|t| t.f_to_kind(kind))
@@ -37,7 +42,9 @@ impl Weights {
 
     /// Takes the weight out of the set (so unused ones can be reported).
     pub fn take(&mut self, name: &str) -> Result<Tensor, String> {
-        self.tensors.remove(name).ok_or_else(|| format!("the checkpoint has no tensor {name:?}"))
+        self.tensors
+            .remove(name)
+            .ok_or_else(|| format!("the checkpoint has no tensor {name:?}"))
     }
 
     /// Takes the weight if present.
@@ -57,8 +64,10 @@ impl Weights {
 fn shard_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
-        let text = std::fs::read_to_string(&index).map_err(|e| format!("{}: {e}", index.display()))?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", index.display()))?;
+        let text =
+            std::fs::read_to_string(&index).map_err(|e| format!("{}: {e}", index.display()))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", index.display()))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -70,6 +79,9 @@ fn shard_files(dir: &Path) -> Result<Vec<PathBuf>, String> {
     if single.is_file() {
         Ok(vec![single])
     } else {
-        Err(format!("{} has neither model.safetensors nor model.safetensors.index.json", dir.display()))
+        Err(format!(
+            "{} has neither model.safetensors nor model.safetensors.index.json",
+            dir.display()
+        ))
     }
 }

@@ -1,0 +1,473 @@
+//! End-to-end tests of the server's NATS JetStream request path, against a
+//! real nats-server: backlog, malformed messages, SIGKILL and SIGTERM of a
+//! server mid-generation, and a broker restart. Nothing may be lost.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures::StreamExt;
+use prost::Message as _;
+use torchwire_integration_tests::{NatsServer, Server};
+use torchwire_nats::{codec, headers, Encoding, NatsConfig};
+use torchwire_proto::v1::{GenerateRequest, GenerateResponse};
+
+/// Long enough for the slowest CI machine; conditions are polled, not slept on.
+const WAIT: Duration = Duration::from_secs(180);
+
+/// One response as the subscriber saw it.
+#[derive(Clone, Debug)]
+struct Seen {
+    seq: u64,
+    delivery: u64,
+    last: bool,
+    response: GenerateResponse,
+}
+
+/// Collects every response published under `replies.>`, by reply subject.
+#[derive(Clone, Default)]
+struct Replies(Arc<Mutex<BTreeMap<String, Vec<Seen>>>>);
+
+impl Replies {
+    async fn subscribe(client: &async_nats::Client) -> Self {
+        let replies = Self::default();
+        let mut sub = client.subscribe("replies.>").await.unwrap();
+        client.flush().await.unwrap();
+        let store = replies.0.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                let h = msg.headers.clone().unwrap_or_default();
+                let get = |name: &str| {
+                    h.get(name)
+                        .map(|v| v.as_str().to_string())
+                        .unwrap_or_default()
+                };
+                let encoding = Encoding::from_headers(msg.headers.as_ref());
+                let seen = Seen {
+                    seq: get(headers::SEQUENCE).parse().unwrap(),
+                    delivery: get("Torchwire-Delivery").parse().unwrap_or(1),
+                    last: get(headers::FINAL) == headers::TRUE,
+                    response: codec::decode_response(&msg.payload, encoding).unwrap(),
+                };
+                store
+                    .lock()
+                    .unwrap()
+                    .entry(msg.subject.to_string())
+                    .or_default()
+                    .push(seen);
+            }
+        });
+        replies
+    }
+
+    fn get(&self, reply: &str) -> Vec<Seen> {
+        self.0
+            .lock()
+            .unwrap()
+            .get(reply)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Waits until `cond` holds for the collected responses.
+    async fn wait_for(&self, what: &str, cond: impl Fn(&BTreeMap<String, Vec<Seen>>) -> bool) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if cond(&self.0.lock().unwrap()) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The complete answer of one reply subject: the last delivery's messages
+/// form the sequence 0..n ending in a final one. Returns its token count.
+fn complete_tokens(seen: &[Seen]) -> Option<usize> {
+    let delivery = seen.iter().map(|s| s.delivery).max()?;
+    let mut msgs: Vec<&Seen> = seen.iter().filter(|s| s.delivery == delivery).collect();
+    msgs.sort_by_key(|s| s.seq);
+    let contiguous = msgs.iter().enumerate().all(|(i, s)| s.seq == i as u64);
+    let final_ok = msgs
+        .last()
+        .is_some_and(|s| s.last && s.response.error.is_none());
+    (contiguous && final_ok).then(|| msgs.iter().map(|s| s.response.token_ids.len()).sum())
+}
+
+fn finals(seen: &[Seen]) -> usize {
+    seen.iter().filter(|s| s.last).count()
+}
+
+fn queue_config(nats: &NatsServer, ack_wait_secs: u64) -> NatsConfig {
+    NatsConfig {
+        url: Some(nats.url()),
+        ack_wait_secs,
+        ..NatsConfig::default()
+    }
+}
+
+async fn publish(
+    js: &jetstream::Context,
+    subject: &str,
+    req: &GenerateRequest,
+    reply: &str,
+    encoding: Encoding,
+) {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::REPLY_TO, reply);
+    h.insert(headers::CONTENT_TYPE, encoding.content_type());
+    h.insert("Nats-Msg-Id", reply);
+    js.publish_with_headers(subject.to_string(), h, codec::encode_request(req, encoding))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+fn request(id: &str, tokens: u32) -> GenerateRequest {
+    GenerateRequest {
+        prompt: format!("Request {id} says"),
+        request_id: id.into(),
+        max_new_tokens: Some(tokens),
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
+
+async fn consumer_counts(js: &jetstream::Context, cfg: &NatsConfig) -> (u64, usize) {
+    let stream = js.get_stream(&cfg.stream).await.unwrap();
+    let info = stream.consumer_info(&cfg.consumer).await.unwrap();
+    (info.num_pending, info.num_ack_pending)
+}
+
+async fn wait_counts(js: &jetstream::Context, cfg: &NatsConfig, want: (u64, usize)) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let got = consumer_counts(js, cfg).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "consumer (pending, ack pending) = {got:?}, want {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The queue as an operator would set it up before any server runs.
+async fn setup(
+    nats: &NatsServer,
+    ack_wait_secs: u64,
+) -> (async_nats::Client, jetstream::Context, NatsConfig, Replies) {
+    let cfg = queue_config(nats, ack_wait_secs);
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    torchwire_nats::ensure_work_queue(&js, &cfg).await.unwrap();
+    let replies = Replies::subscribe(&client).await;
+    (client, js, cfg, replies)
+}
+
+async fn start_server(nats: &NatsServer, ack_wait_secs: u64, extra: &[&str]) -> Server {
+    let mut flags = vec!["--nats-url", nats.url().leak() as &str];
+    flags.extend_from_slice(extra);
+    let ack = ack_wait_secs.to_string();
+    Server::start_with_env(
+        &Server::default_args(&flags),
+        &[("TORCHWIRE_NATS_ACK_WAIT_SECS", ack.as_str())],
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_backlog_is_served_once_a_server_starts() {
+    let nats = NatsServer::start().unwrap();
+    let (_client, js, cfg, replies) = setup(&nats, 30).await;
+    for i in 0..6 {
+        let encoding = if i % 2 == 0 {
+            Encoding::Protobuf
+        } else {
+            Encoding::Json
+        };
+        publish(
+            &js,
+            &cfg.subject,
+            &request(&format!("b{i}"), 12),
+            &format!("replies.b{i}"),
+            encoding,
+        )
+        .await;
+    }
+    assert_eq!(
+        consumer_counts(&js, &cfg).await,
+        (6, 0),
+        "the backlog waits in the stream"
+    );
+
+    let _server = start_server(&nats, 30, &[]).await;
+    replies
+        .wait_for("six complete replies", |m| {
+            m.len() == 6 && m.values().all(|s| complete_tokens(s) == Some(12))
+        })
+        .await;
+    for i in 0..6 {
+        let seen = replies.get(&format!("replies.b{i}"));
+        assert_eq!(finals(&seen), 1);
+        assert!(seen
+            .iter()
+            .all(|s| s.response.request_id == format!("b{i}")));
+        assert!(seen.iter().all(|s| s.delivery == 1));
+    }
+    wait_counts(&js, &cfg, (0, 0)).await;
+}
+
+#[tokio::test]
+async fn malformed_and_invalid_requests_get_an_error_reply_and_are_terminated() {
+    let nats = NatsServer::start().unwrap();
+    let (client, js, cfg, replies) = setup(&nats, 30).await;
+    let _server = start_server(&nats, 30, &[]).await;
+
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::REPLY_TO, "replies.garbage");
+    h.insert(headers::CONTENT_TYPE, headers::JSON);
+    js.publish_with_headers(cfg.subject.clone(), h, "{not json".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let bad = GenerateRequest {
+        temperature: -1.0,
+        ..request("bad", 4)
+    };
+    publish(&js, &cfg.subject, &bad, "replies.bad", Encoding::Protobuf).await;
+    // A request with nowhere to reply to is terminated too.
+    js.publish(
+        cfg.subject.clone(),
+        request("lost", 4).encode_to_vec().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    publish(
+        &js,
+        &cfg.subject,
+        &request("good", 4),
+        "replies.good",
+        Encoding::Protobuf,
+    )
+    .await;
+
+    replies
+        .wait_for("error replies and the good one", |m| {
+            ["replies.garbage", "replies.bad", "replies.good"]
+                .iter()
+                .all(|k| m.get(*k).is_some_and(|s| finals(s) == 1))
+        })
+        .await;
+    let garbage = replies.get("replies.garbage");
+    let err = garbage[0]
+        .response
+        .error
+        .clone()
+        .expect("an error response");
+    assert_eq!(err.code, tonic::Code::InvalidArgument as i32);
+    let bad = replies.get("replies.bad");
+    let err = bad[0].response.error.clone().expect("an error response");
+    assert_eq!(err.code, tonic::Code::InvalidArgument as i32);
+    assert!(err.message.starts_with("temperature"), "{}", err.message);
+    assert_eq!(complete_tokens(&replies.get("replies.good")), Some(4));
+    wait_counts(&js, &cfg, (0, 0)).await;
+    let info = js
+        .get_stream(&cfg.stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .state
+        .messages;
+    assert_eq!(info, 0, "terminated messages must not stay in the stream");
+    drop(client);
+}
+
+#[tokio::test]
+async fn sigkill_mid_generation_loses_nothing() {
+    let nats = NatsServer::start().unwrap();
+    let (_client, js, cfg, replies) = setup(&nats, 2).await;
+    let first = start_server(&nats, 2, &["--max-batch-size", "4"]).await;
+    for i in 0..4 {
+        publish(
+            &js,
+            &cfg.subject,
+            &request(&format!("k{i}"), 160),
+            &format!("replies.k{i}"),
+            Encoding::Protobuf,
+        )
+        .await;
+    }
+    replies
+        .wait_for("every request started", |m| m.len() == 4)
+        .await;
+    first.signal(libc::SIGKILL);
+    drop(first);
+    // A second server picks them up after ack_wait (2 s).
+    let _second = start_server(&nats, 2, &["--max-batch-size", "4"]).await;
+    replies
+        .wait_for("every request complete", |m| {
+            m.len() == 4 && m.values().all(|s| complete_tokens(s) == Some(160))
+        })
+        .await;
+    for i in 0..4 {
+        let seen = replies.get(&format!("replies.k{i}"));
+        assert_eq!(finals(&seen), 1, "k{i} answered more than once");
+        assert!(
+            seen.iter().any(|s| s.delivery >= 2 && s.last),
+            "k{i}: the final answer comes from a redelivery"
+        );
+    }
+    wait_counts(&js, &cfg, (0, 0)).await;
+}
+
+#[tokio::test]
+async fn sigterm_finishes_or_gives_back_everything() {
+    let nats = NatsServer::start().unwrap();
+    let (_client, js, cfg, replies) = setup(&nats, 30).await;
+    let mut server = start_server(
+        &nats,
+        30,
+        &["--max-batch-size", "2", "--shutdown-grace", "1"],
+    )
+    .await;
+    // Two long requests fill the batch; three short ones wait in the stream.
+    for i in 0..2 {
+        publish(
+            &js,
+            &cfg.subject,
+            &request(&format!("long{i}"), 400),
+            &format!("replies.long{i}"),
+            Encoding::Protobuf,
+        )
+        .await;
+    }
+    replies
+        .wait_for("both long requests started", |m| m.len() == 2)
+        .await;
+    for i in 0..3 {
+        publish(
+            &js,
+            &cfg.subject,
+            &request(&format!("short{i}"), 8),
+            &format!("replies.short{i}"),
+            Encoding::Protobuf,
+        )
+        .await;
+    }
+    server.signal(libc::SIGTERM);
+    let status = server.wait_exit(Duration::from_secs(60)).unwrap();
+    assert!(status.success(), "{status:?}");
+    // What the server could not finish within the grace period was nak'ed,
+    // so it can be pulled again at once, long before ack_wait (30 s) runs
+    // out; with the requests never pulled, that is everything unanswered.
+    let long_open = (0..2)
+        .filter(|i| finals(&replies.get(&format!("replies.long{i}"))) == 0)
+        .count();
+    let short_open = (0..3)
+        .filter(|i| finals(&replies.get(&format!("replies.short{i}"))) == 0)
+        .count();
+    let unanswered = long_open + short_open;
+    let consumer: jetstream::consumer::PullConsumer = js
+        .get_stream(&cfg.stream)
+        .await
+        .unwrap()
+        .get_consumer(&cfg.consumer)
+        .await
+        .unwrap();
+    let mut available = consumer
+        .batch()
+        .max_messages(10)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .unwrap();
+    let mut taken = Vec::new();
+    while let Some(msg) = available.next().await {
+        taken.push(msg.unwrap());
+    }
+    assert_eq!(
+        taken.len(),
+        unanswered,
+        "every unfinished request must be available again at once"
+    );
+    for msg in taken {
+        msg.ack_with(jetstream::AckKind::Nak(None)).await.unwrap();
+    }
+
+    let _next = start_server(&nats, 30, &["--max-batch-size", "2"]).await;
+    replies
+        .wait_for("all five complete", |m| {
+            m.len() == 5
+                && m.iter().all(|(k, s)| {
+                    complete_tokens(s) == Some(if k.contains("long") { 400 } else { 8 })
+                })
+        })
+        .await;
+    wait_counts(&js, &cfg, (0, 0)).await;
+}
+
+#[tokio::test]
+async fn a_broker_restart_during_a_run_loses_no_request() {
+    let mut nats = NatsServer::start().unwrap();
+    let (client, js, cfg, replies) = setup(&nats, 3).await;
+    let _server = start_server(&nats, 3, &["--max-batch-size", "4"]).await;
+    for i in 0..6 {
+        publish(
+            &js,
+            &cfg.subject,
+            &request(&format!("r{i}"), 64),
+            &format!("replies.r{i}"),
+            Encoding::Protobuf,
+        )
+        .await;
+    }
+    replies.wait_for("work under way", |m| !m.is_empty()).await;
+    nats.restart().unwrap();
+    // Our own subscriber must be back before results can be seen again.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while client.connection_state() != async_nats::connection::State::Connected {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "test client did not reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Every request is eventually acknowledged: none stays in the stream...
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let info = js
+            .get_stream(&cfg.stream)
+            .await
+            .map(|mut s| async move { s.info().await.map(|i| i.state.messages) });
+        if let Ok(fut) = info {
+            if let Ok(0) = fut.await {
+                break;
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "requests left in the stream after the restart"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...and each was answered in full at least once.
+    for i in 0..6 {
+        let seen = replies.get(&format!("replies.r{i}"));
+        assert!(seen.iter().any(|s| s.last), "r{i} never got a final answer");
+    }
+}
