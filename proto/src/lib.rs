@@ -36,7 +36,8 @@ mod tests {
     #[test]
     fn generate_request_accepts_snake_case_json() {
         let req: GenerateRequest =
-            serde_json::from_str(r#"{"prompt":"hi","max_new_tokens":3,"ignore_eos":true}"#).unwrap();
+            serde_json::from_str(r#"{"prompt":"hi","max_new_tokens":3,"ignore_eos":true}"#)
+                .unwrap();
         assert_eq!(req.max_new_tokens, Some(3));
         assert!(req.ignore_eos);
     }

@@ -57,6 +57,8 @@ impl Generator {
         };
         let (tx, rx) = mpsc::unbounded_channel();
         let job = validate::job(req, &engine.info, &engine.tokenizer, request_id.clone(), tx)?;
+        // Prompts are user data: only at debug level.
+        tracing::debug!(request_id = %request_id, model = %engine.info.name, prompt = %req.prompt, prompt_tokens = job.prompt_ids.len(), "request accepted");
         engine.submit(job)?;
         self.in_flight.count.fetch_add(1, Ordering::SeqCst);
         Ok(ResponseStream {
