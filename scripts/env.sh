@@ -14,7 +14,12 @@ _tw_stamp="$TORCHWIRE_VENV/.torchwire-requirements"
 if ! cmp -s "$_tw_root/scripts/requirements.txt" "$_tw_stamp" 2>/dev/null; then
   echo "torchwire: installing the Python toolchain into $TORCHWIRE_VENV (first run only)" >&2
   mkdir -p "$TORCHWIRE_CACHE"
-  [ -x "$TORCHWIRE_VENV/bin/python" ] || python3 -m venv "$TORCHWIRE_VENV" || return 1
+  if [ ! -x "$TORCHWIRE_VENV/bin/python" ]; then
+    # Debian's python3 may lack ensurepip (python3-venv); virtualenv from PyPI works without it.
+    python3 -m venv "$TORCHWIRE_VENV" 2>/dev/null \
+      || { rm -rf "$TORCHWIRE_VENV" && python3 -m pip install --quiet --user virtualenv >&2 \
+           && python3 -m virtualenv --quiet "$TORCHWIRE_VENV"; } || return 1
+  fi
   "$TORCHWIRE_VENV/bin/pip" install --quiet --disable-pip-version-check \
     -r "$_tw_root/scripts/requirements.txt" >&2 || return 1
   cp "$_tw_root/scripts/requirements.txt" "$_tw_stamp"
