@@ -4,7 +4,8 @@ nats-py (a third-party NATS client: no torchwire code) and prints the responses.
 
 Subscribes to the reply subject first, then publishes the request with the
 headers a torchwire server reads (Torchwire-Reply-To, Content-Type:
-application/json, and Torchwire-Request-Id when the request has a requestId). Each response is printed as one JSON line:
+application/json, and Torchwire-Request-Id when the request has a
+requestId). Each response is printed as one JSON line:
 
     {"seq": 0, "delivery": 1, "final": false, "requestId": "...",
      "contentType": "application/json", "response": {...GenerateResponse...}}
