@@ -29,6 +29,29 @@ async fn torchwire(addr: &str, args: &[&str]) -> Output {
         .expect("torchwire runs")
 }
 
+/// Like [`torchwire`], with `input` on standard input.
+async fn torchwire_with_stdin(addr: &str, args: &[&str], input: &str) -> Output {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(binary_path("torchwire"))
+        .arg("--addr")
+        .arg(addr)
+        .args(args)
+        .env_remove("TORCHWIRE_ADDR")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("torchwire runs");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.as_bytes()).await.unwrap();
+    drop(stdin);
+    tokio::time::timeout(CLI_TIMEOUT, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("torchwire {args:?} ran longer than {CLI_TIMEOUT:?}"))
+        .expect("torchwire runs")
+}
+
 fn stdout(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).expect("stdout is UTF-8")
 }
@@ -183,6 +206,14 @@ async fn models_tokenize_stats_and_health() {
         serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(tokenized.token_ids, expected.token_ids);
     assert_eq!(tokenized.count as usize, tokenized.token_ids.len());
+    let out = torchwire_with_stdin(&server.url(), &["tokenize", "-", "--json"], text).await;
+    assert_success(&out);
+    let from_stdin: torchwire_proto::v1::TokenizeResponse =
+        serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(
+        from_stdin.token_ids, expected.token_ids,
+        "`-` reads the text from stdin"
+    );
     let out = torchwire(&server.url(), &["tokenize", text]).await;
     assert_success(&out);
     let ids: Vec<String> = expected.token_ids.iter().map(u32::to_string).collect();
