@@ -181,11 +181,9 @@ async fn a_full_queue_refuses_with_resource_exhausted() {
         .await
         .unwrap()
         .into_inner();
-    let refused = c
-        .generate(request("Refused:", 4))
-        .await
-        .err()
-        .expect("third request must be refused");
+    let Err(refused) = c.generate(request("Refused:", 4)).await else {
+        panic!("third request must be refused")
+    };
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     drop(running);
     let mut n = 0;

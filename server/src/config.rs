@@ -21,6 +21,20 @@ pub const BUNDLED_MODEL: (&str, &str) = ("torchwire-tiny", "models/torchwire-tin
 /// Config file read when `--config` is not given, if it exists.
 const DEFAULT_CONFIG_FILE: &str = "torchwire.toml";
 
+/// Config keys whose environment values are numbers; every other value is
+/// taken as a string.
+const NUMERIC_KEYS: &[&str] = &[
+    "threads",
+    "shutdown_grace_secs",
+    "max_batch_size",
+    "max_context",
+    "kv_cache_mib",
+    "queue_size",
+    "default_max_new_tokens",
+    "ack_wait_secs",
+    "max_deliver",
+];
+
 /// `TORCHWIRE_*` variables that belong to other torchwire programs or to the
 /// toolchain scripts, not to the server.
 const FOREIGN_ENV_KEYS: &[&str] = &["cache", "venv", "addr", "test_model", "parity_model"];
@@ -408,7 +422,14 @@ impl EnvVars {
                 Some(key) => vec!["nats", key],
                 None => rest.split("__").collect(),
             };
-            let value: Value = value.parse().unwrap_or_else(|_| Value::from(value.clone()));
+            // Only numeric keys are parsed as numbers: a password of "12345"
+            // or a model named "true" must stay a string.
+            let numeric = path.last().is_some_and(|k| NUMERIC_KEYS.contains(k));
+            let value = if numeric {
+                value.parse().unwrap_or_else(|_| Value::from(value.clone()))
+            } else {
+                Value::from(value.clone())
+            };
             insert_nested(&mut dict, &path, value);
         }
         Self(dict)

@@ -26,7 +26,7 @@ pub fn sampling_params(req: &GenerateRequest) -> Result<SamplingParams, ServerEr
         ));
     }
     let top_p = match req.top_p {
-        p if p == 0.0 => 1.0,
+        0.0 => 1.0,
         p if p.is_finite() && p > 0.0 && p <= 1.0 => p,
         p => {
             return Err(ServerError::invalid(
@@ -43,7 +43,7 @@ pub fn sampling_params(req: &GenerateRequest) -> Result<SamplingParams, ServerEr
         ));
     }
     let repetition_penalty = match req.repetition_penalty {
-        r if r == 0.0 => 1.0,
+        0.0 => 1.0,
         r if r.is_finite() && r > 0.0 => r,
         r => {
             return Err(ServerError::invalid(

@@ -126,13 +126,13 @@ impl HfConfig {
         }
         if self.num_attention_heads == 0
             || self.num_kv_heads() == 0
-            || self.num_attention_heads % self.num_kv_heads() != 0
+            || !self.num_attention_heads.is_multiple_of(self.num_kv_heads())
         {
             return Err(
                 "config.json: num_attention_heads must be a multiple of num_key_value_heads".into(),
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(
                 "config.json: the head dimension must be even for rotary embeddings".into(),
             );

@@ -85,6 +85,8 @@ impl Worker {
         if request.request_id.is_empty() {
             request.request_id = header_id;
         }
+        // Errors before generation starts carry the id too.
+        out.request_id = request.request_id.clone();
         if delivery > 1 {
             tracing::info!(request_id = %request.request_id, delivery, "NATS: redelivered request");
         }
