@@ -12,7 +12,7 @@ use torchwire_client::Client;
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     /// The prompt; `-` reads it from standard input.
-    prompt: String,
+    pub prompt: String,
     /// Model name (default: the server's default model).
     #[arg(long, default_value = "", hide_default_value = true)]
     model: String,
@@ -54,7 +54,7 @@ pub struct GenerateArgs {
     pub json: bool,
     /// No summary on stderr.
     #[arg(long, short)]
-    quiet: bool,
+    pub quiet: bool,
 }
 
 impl GenerateArgs {
@@ -117,7 +117,7 @@ pub async fn run(client: &Client, args: GenerateArgs) -> anyhow::Result<ExitCode
 
 /// One line for stderr: token counts, time to first token, speed, and why
 /// generation stopped.
-fn summary(
+pub(super) fn summary(
     last: Option<&GenerateResponse>,
     first_token: Option<Duration>,
     elapsed: Duration,

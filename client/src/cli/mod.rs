@@ -4,6 +4,7 @@
 mod bench;
 mod generate;
 mod info;
+mod publish;
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -89,6 +90,9 @@ enum Command {
     Stats(info::StatsArgs),
     /// Load-test the server: a sweep of concurrencies or arrival rates.
     Bench(bench::BenchArgs),
+    /// Send a generate request through the NATS JetStream work queue and
+    /// stream the responses, as `generate` does.
+    Publish(publish::PublishArgs),
 }
 
 impl Cli {
@@ -103,6 +107,7 @@ impl Cli {
             Command::Health(args) => info::health(conn, args).await,
             Command::Stats(args) => info::stats(&conn.connect().await?, args).await,
             Command::Bench(args) => bench::run(&conn.connect().await?, &conn.addr, args).await,
+            Command::Publish(args) => publish::run(args).await,
         }
     }
 }
