@@ -66,6 +66,9 @@ impl ChildProcess {
                 cmd.env_remove(k);
             }
         }
+        // Many servers share two cores while the suite runs: idle OpenMP
+        // threads must sleep rather than spin, or every server crawls.
+        cmd.env("OMP_WAIT_POLICY", "PASSIVE");
         for (k, v) in envs {
             cmd.env(k, v);
         }
@@ -205,6 +208,10 @@ impl Server {
             "--model".into(),
             crate::bundled_model().display().to_string(),
         ];
+        // One torch thread per server: the tests run several servers at once.
+        if !extra.contains(&"--threads") {
+            args.extend(["--threads".to_string(), "1".into()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     }
