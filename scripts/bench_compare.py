@@ -5,17 +5,23 @@
 
 (a) transformers: `LlamaForCausalLM.generate` on the checkpoint, greedy, EOS
     ignored (min_new_tokens = max_new_tokens), at batch 1 and at a static batch
-    of --batch identical prompts; a warm-up call first, then --repeats timed
-    calls, the median kept.
+    of --batch identical prompts.
 (b) torchwire: starts `<bin-dir>/torchwire-server --listen 127.0.0.1:0 --model
     DIR --threads T`, waits for `torchwire health`, runs `torchwire bench
     --concurrency 1,<batch>` with the same lengths (one gRPC stream per
-    request, tokens timed as they arrive), and stops the server with SIGTERM.
+    request, tokens timed as they arrive), and at the end stops the server
+    with SIGTERM.
+
+After a warm-up of each side, --trials rounds alternate between them: one
+timed `generate` per batch size, then one `torchwire bench`. Each side's best
+trial is compared (other work on the machine only ever slows a trial down;
+alternating exposes both sides to the same conditions), and the medians are
+reported too.
 
 Both sides use the same torch intra-op thread count and see prompts of the
 same token length. Prints one table with the ratios (torchwire / HF) and
-writes everything (both sides, the machine, torchwire's JSON and chart) to
---out (default bench-results/, git-ignored).
+writes everything (both sides, every trial, the machine, torchwire's JSON and
+charts) to --out (default bench-results/, git-ignored).
 
 ms/step is wall time / output tokens for one sequence: for HF, generate's
 time / max_new_tokens (prefill included); for torchwire, the median time per
@@ -64,72 +70,66 @@ def hf_prompt_ids(tokenizer, tokens):
     return out[:tokens]
 
 
-def run_hf(args):
-    import torch
-    import transformers
-    from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
+class HfRunner:
+    """The checkpoint loaded in transformers, timed one `generate` at a time."""
 
-    torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else ("auto" if device.type == "cuda" else torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = LlamaForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    n = args.output_tokens
-    eos = model.generation_config.eos_token_id
-    pad = eos if isinstance(eos, int) else (eos or [0])[0]
+    def __init__(self, args):
+        import torch
+        import transformers
+        from transformers import AutoTokenizer, LlamaForCausalLM
 
-    def gen_config(tokens):
-        return GenerationConfig(
+        self.torch = torch
+        torch.set_num_threads(args.threads)
+        torch.set_grad_enabled(False)
+        self.device = torch.device(args.device)
+        dtype = getattr(torch, args.dtype) if args.dtype else ("auto" if self.device.type == "cuda" else torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        self.model = LlamaForCausalLM.from_pretrained(args.model, dtype=dtype).to(self.device).eval()
+        self.prompt = hf_prompt_ids(tokenizer, args.prompt_tokens)
+        self.n = args.output_tokens
+        eos = self.model.generation_config.eos_token_id
+        self.eos = eos
+        self.pad = eos if isinstance(eos, int) else (eos or [0])[0]
+        self.meta = {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "device": str(self.device),
+            "dtype": str(self.model.dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads(),
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }
+
+    def _generate(self, batch, tokens):
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(
             do_sample=False,
             num_beams=1,
             max_new_tokens=tokens,
             min_new_tokens=tokens,  # never stop at EOS, like torchwire's ignore_eos
-            eos_token_id=eos,
-            pad_token_id=pad,
+            eos_token_id=self.eos,
+            pad_token_id=self.pad,
         )
+        input_ids = self.torch.tensor([self.prompt] * batch, device=self.device)
+        attention_mask = self.torch.ones_like(input_ids)
+        self._sync()
+        t0 = time.perf_counter()
+        out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+        self._sync()
+        elapsed = time.perf_counter() - t0
+        assert out.shape == (batch, len(self.prompt) + tokens), out.shape
+        return elapsed
 
-    prompt = hf_prompt_ids(tokenizer, args.prompt_tokens)
+    def _sync(self):
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
 
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def warm_up(self, batch):
+        self._generate(batch, min(self.n, 16))
 
-    results = {}
-    for batch in (1, args.batch):
-        input_ids = torch.tensor([prompt] * batch, device=device)
-        attention_mask = torch.ones_like(input_ids)
-        log(f"HF batch {batch}: warm-up")
-        model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config(min(n, 16)))
-        times = []
-        for r in range(args.repeats):
-            sync()
-            t0 = time.perf_counter()
-            out = model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gen_config(n))
-            sync()
-            times.append(time.perf_counter() - t0)
-            assert out.shape == (batch, len(prompt) + n), out.shape
-            log(f"HF batch {batch}: run {r + 1}/{args.repeats}: {times[-1]:.3f} s")
-        t = statistics.median(times)
-        results[str(batch)] = {
-            "batch": batch,
-            "seconds": times,
-            "median_s": t,
-            "output_tokens_per_s": batch * n / t,
-            "ms_per_step": t / n * 1e3,
-        }
-    meta = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "device": str(device),
-        "dtype": str(model.dtype).replace("torch.", ""),
-        "threads": torch.get_num_threads(),
-        "parameters": sum(p.numel() for p in model.parameters()),
-    }
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return results, meta
+    def measure(self, batch):
+        """Seconds for one full-length generate at `batch`."""
+        return self._generate(batch, self.n)
 
 
 # ---------------------------------------------------------------------------
@@ -186,47 +186,57 @@ class ServerProcess:
         self.log_file.close()
 
 
-def run_torchwire(args, out_dir, stamp):
-    server_bin = os.path.join(args.bin_dir, "torchwire-server")
-    cli_bin = os.path.join(args.bin_dir, "torchwire")
-    for b in (server_bin, cli_bin):
-        if not os.access(b, os.X_OK):
-            raise SystemExit(f"{b} not found: build it with `cargo build --release --bins` (or pass --bin-dir)")
-    server_args = ["--model", args.model, "--threads", str(args.threads), "--max-batch-size", str(args.batch)]
-    if args.device != "cpu":
-        server_args += ["--device", args.device]
-    if args.dtype:
-        server_args += ["--dtype", args.dtype]
-    server_args += args.server_arg
-    log_path = os.path.join(out_dir, f"server-{stamp}.log")
-    log(f"starting torchwire-server {' '.join(server_args)} (log: {log_path})")
-    server = ServerProcess(server_bin, server_args, log_path)
-    try:
-        url = f"http://{server.addr}"
-        subprocess.run([cli_bin, "--addr", url, "health", "--wait", "300"], check=True, stdout=subprocess.DEVNULL)
-        models = json.loads(subprocess.run([cli_bin, "--addr", url, "models", "--json"], check=True,
-                                           capture_output=True, text=True).stdout)
-        json_path = os.path.join(out_dir, f"torchwire-{stamp}.json")
-        chart_path = os.path.join(out_dir, f"torchwire-{stamp}.svg")
+class TorchwireRunner:
+    """torchwire-server started once; `torchwire bench` run once per trial."""
+
+    def __init__(self, args, out_dir, stamp):
+        self.args, self.out_dir, self.stamp = args, out_dir, stamp
+        server_bin = os.path.join(args.bin_dir, "torchwire-server")
+        self.cli = os.path.join(args.bin_dir, "torchwire")
+        for b in (server_bin, self.cli):
+            if not os.access(b, os.X_OK):
+                raise SystemExit(f"{b} not found: build it with `cargo build --release --bins` (or pass --bin-dir)")
+        server_args = ["--model", args.model, "--threads", str(args.threads), "--max-batch-size", str(args.batch)]
+        if args.device != "cpu":
+            server_args += ["--device", args.device]
+        if args.dtype:
+            server_args += ["--dtype", args.dtype]
+        server_args += args.server_arg
+        log_path = os.path.join(out_dir, f"server-{stamp}.log")
+        log(f"starting torchwire-server {' '.join(server_args)} (log: {log_path})")
+        self.server = ServerProcess(server_bin, server_args, log_path)
+        self.url = f"http://{self.server.addr}"
+        subprocess.run([self.cli, "--addr", self.url, "health", "--wait", "300"], check=True, stdout=subprocess.DEVNULL)
+        listed = subprocess.run([self.cli, "--addr", self.url, "models", "--json"], check=True,
+                                capture_output=True, text=True)
+        self.models = json.loads(listed.stdout)
+
+    def bench(self, name, rounds, warmup):
+        """Runs `torchwire bench`; returns its JSON report and the files it wrote."""
+        a = self.args
+        json_path = os.path.join(self.out_dir, f"torchwire-{self.stamp}-{name}.json")
+        chart_path = os.path.join(self.out_dir, f"torchwire-{self.stamp}-{name}.svg")
         cmd = [
-            cli_bin, "--addr", url, "bench",
-            "--concurrency", f"1,{args.batch}",
-            "--rounds", str(args.rounds),
-            "--warmup", str(args.batch),
-            "--prompt-tokens", str(args.prompt_tokens),
-            "--output-tokens", str(args.output_tokens),
+            self.cli, "--addr", self.url, "bench",
+            "--concurrency", f"1,{a.batch}",
+            "--rounds", str(rounds),
+            "--warmup", str(warmup),
+            "--prompt-tokens", str(a.prompt_tokens),
+            "--output-tokens", str(a.output_tokens),
             "--temperature", "0",
-            "--label", args.label,
+            "--label", f"{a.label} ({name})",
             "--json", json_path,
             "--chart", chart_path,
+            "--no-progress",
         ]
-        log("running " + " ".join(os.path.relpath(c, REPO) if c.startswith(REPO) else c for c in cmd[3:]))
-        subprocess.run(cmd, check=True)
-    finally:
-        server.stop()
-    with open(json_path) as f:
-        report = json.load(f)
-    return report, models, json_path, chart_path
+        log("torchwire " + " ".join(cmd[3:]))
+        subprocess.run(cmd, check=True, stdout=sys.stderr)
+        with open(json_path) as f:
+            report = json.load(f)
+        return report, json_path, chart_path
+
+    def close(self):
+        self.server.stop()
 
 
 # ---------------------------------------------------------------------------
@@ -254,26 +264,37 @@ def machine():
     return info
 
 
-def table(args, hf, tw_levels):
-    high = args.batch
+def compare(args, hf_seconds, tw_reports):
+    """Per size: each side's best and median trial, and their ratios."""
+    n = args.output_tokens
     rows = []
-    for n, target in ((1, 2.0), (high, 1.5)):
-        h = hf.get(str(n)) if hf else None
-        t = tw_levels.get(n)
-        tw_tps = t["output_tokens_per_s"] if t else None
-        tw_step = t["tpot_ms"]["p50"] if t and t.get("tpot_ms") else None
-        ratio = tw_tps / h["output_tokens_per_s"] if (h and tw_tps) else None
-        rows.append({
-            "size": n,
-            "hf_tok_s": h["output_tokens_per_s"] if h else None,
-            "hf_ms_step": h["ms_per_step"] if h else None,
-            "tw_tok_s": tw_tps,
-            "tw_ms_step": tw_step,
-            "tw_ttft_ms": t["ttft_ms"]["p50"] if t and t.get("ttft_ms") else None,
-            "ratio": ratio,
-            "target": target,
-            "meets_target": (ratio >= target) if ratio is not None else None,
-        })
+    for size, target in ((1, 2.0), (args.batch, 1.5)):
+        row = {"size": size, "target": target}
+        times = hf_seconds.get(size) or []
+        if times:
+            best, median = min(times), statistics.median(times)
+            row["hf"] = {
+                "seconds": times,
+                "output_tokens_per_s": size * n / best,
+                "ms_per_step": best / n * 1e3,
+                "median_output_tokens_per_s": size * n / median,
+            }
+        levels = [lvl for r in tw_reports for lvl in r["levels"] if lvl["load"].get("concurrency") == size]
+        if levels:
+            best = max(levels, key=lambda lvl: lvl["output_tokens_per_s"])
+            row["torchwire"] = {
+                "output_tokens_per_s": best["output_tokens_per_s"],
+                "ms_per_step": (best.get("tpot_ms") or {}).get("p50"),
+                "ttft_p50_ms": (best.get("ttft_ms") or {}).get("p50"),
+                "median_output_tokens_per_s": statistics.median(lvl["output_tokens_per_s"] for lvl in levels),
+                "trials": [lvl["output_tokens_per_s"] for lvl in levels],
+            }
+        if "hf" in row and "torchwire" in row:
+            row["ratio"] = row["torchwire"]["output_tokens_per_s"] / row["hf"]["output_tokens_per_s"]
+            row["median_ratio"] = (row["torchwire"]["median_output_tokens_per_s"]
+                                   / row["hf"]["median_output_tokens_per_s"])
+            row["meets_target"] = row["ratio"] >= target
+        rows.append(row)
     return rows
 
 
@@ -284,31 +305,35 @@ def fmt(v, spec):
 def print_table(args, rows):
     bound = args.bandwidth_bound_ms
     head = ["batch / concurrency", "HF tok/s", "HF ms/step", "torchwire tok/s", "torchwire ms/step",
-            "torchwire TTFT p50 ms", "ratio", "target"]
+            "torchwire TTFT p50 ms", "ratio", "target", "median ratio"]
     if bound:
         head += ["HF % of bound", "torchwire % of bound"]
     lines = [head]
     for r in rows:
+        h, t = r.get("hf") or {}, r.get("torchwire") or {}
+        met = r.get("meets_target")
         line = [
             str(r["size"]),
-            fmt(r["hf_tok_s"], ",.0f"),
-            fmt(r["hf_ms_step"], ".2f"),
-            fmt(r["tw_tok_s"], ",.0f"),
-            fmt(r["tw_ms_step"], ".2f"),
-            fmt(r["tw_ttft_ms"], ".1f"),
-            "-" if r["ratio"] is None else f"{r['ratio']:.2f}x",
-            f">= {r['target']}x" + ("" if r["meets_target"] is None else (" ok" if r["meets_target"] else " MISSED")),
+            fmt(h.get("output_tokens_per_s"), ",.0f"),
+            fmt(h.get("ms_per_step"), ".2f"),
+            fmt(t.get("output_tokens_per_s"), ",.0f"),
+            fmt(t.get("ms_per_step"), ".2f"),
+            fmt(t.get("ttft_p50_ms"), ".1f"),
+            "-" if "ratio" not in r else f"{r['ratio']:.2f}x",
+            f">= {r['target']}x" + ("" if met is None else (" ok" if met else " MISSED")),
+            "-" if "median_ratio" not in r else f"{r['median_ratio']:.2f}x",
         ]
         if bound:
             line += [
-                "-" if not r["hf_ms_step"] else f"{100 * bound / r['hf_ms_step']:.1f}%",
-                "-" if not r["tw_ms_step"] else f"{100 * bound / r['tw_ms_step']:.1f}%",
+                "-" if not h.get("ms_per_step") else f"{100 * bound / h['ms_per_step']:.1f}%",
+                "-" if not t.get("ms_per_step") else f"{100 * bound / t['ms_per_step']:.1f}%",
             ]
         lines.append(line)
     widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
     out = []
     for i, l in enumerate(lines):
-        out.append("| " + " | ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(l, widths))) + " |")
+        cells = (c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(l, widths)))
+        out.append("| " + " | ".join(cells) + " |")
         if i == 0:
             out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(out)
@@ -321,9 +346,10 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--output-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=16, help="HF static batch = torchwire concurrency")
-    p.add_argument("--repeats", type=int, default=5, help="timed HF generate calls per batch size")
-    p.add_argument("--rounds", type=int, default=4,
-                   help="torchwire requests per level = rounds x concurrency")
+    p.add_argument("--trials", type=int, default=5,
+                   help="alternating trials: one HF generate per batch size, then one torchwire bench")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="torchwire requests per level and trial = rounds x concurrency")
     p.add_argument("--device", default="cpu", help="cpu or cuda (both sides)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: float32 on CPU, the checkpoint's on CUDA)")
     p.add_argument("--bin-dir", default=os.path.join(REPO, "target", "release"), help="where torchwire and torchwire-server are")
@@ -342,12 +368,31 @@ def main():
     load_before = os.getloadavg()
     if load_before[0] > 0.5 * (os.cpu_count() or 1):
         log(f"warning: load average {load_before[0]:.2f} before the run; other work on this machine will skew the numbers")
-    hf, hf_meta = (None, None)
-    if not args.skip_hf:
-        hf, hf_meta = run_hf(args)
-    tw_report, models, json_path, chart_path = run_torchwire(args, args.out, stamp)
-    tw_levels = {lvl["load"]["concurrency"]: lvl for lvl in tw_report["levels"] if "concurrency" in lvl["load"]}
-    rows = table(args, hf, tw_levels)
+    hf = None if args.skip_hf else HfRunner(args)
+    tw = TorchwireRunner(args, args.out, stamp)
+    sizes = (1, args.batch)
+    hf_seconds = {size: [] for size in sizes}
+    tw_reports, tw_files = [], []
+    try:
+        log("warm-up")
+        if hf:
+            for size in sizes:
+                hf.warm_up(size)
+        tw.bench("warmup", rounds=1, warmup=args.batch)
+        for trial in range(1, args.trials + 1):
+            if hf:
+                for size in sizes:
+                    hf_seconds[size].append(hf.measure(size))
+                    log(f"trial {trial}/{args.trials}: HF batch {size}: {hf_seconds[size][-1]:.3f} s")
+            report, json_path, chart_path = tw.bench(f"trial{trial}", rounds=args.rounds, warmup=0)
+            tw_reports.append(report)
+            tw_files += [os.path.basename(json_path), os.path.basename(chart_path)]
+            tps = ", ".join(f"c={lvl['load']['concurrency']}: {lvl['output_tokens_per_s']:.0f} tok/s"
+                            for lvl in report["levels"])
+            log(f"trial {trial}/{args.trials}: torchwire {tps}")
+    finally:
+        tw.close()
+    rows = compare(args, hf_seconds if hf else {}, tw_reports)
 
     summary = {
         "when": stamp,
@@ -358,14 +403,13 @@ def main():
             "prompt_tokens": args.prompt_tokens,
             "output_tokens": args.output_tokens,
             "batch": args.batch,
-            "repeats": args.repeats,
+            "trials": args.trials,
             "rounds": args.rounds,
             "device": args.device,
             "bandwidth_bound_ms": args.bandwidth_bound_ms,
         },
-        "hf": {"meta": hf_meta, "results": hf},
-        "torchwire": {"models": models, "report": os.path.basename(json_path), "chart": os.path.basename(chart_path),
-                      "levels": tw_report["levels"]},
+        "hf": {"meta": hf.meta if hf else None},
+        "torchwire": {"models": tw.models, "files": tw_files, "trials": [r["levels"] for r in tw_reports]},
         "comparison": rows,
     }
     summary_path = os.path.join(args.out, f"compare-{stamp}.json")
@@ -376,13 +420,15 @@ def main():
     print()
     print(f"{args.label}: {args.prompt_tokens} prompt tokens, {args.output_tokens} output tokens, greedy, "
           f"{args.threads} torch threads, {m.get('gpu') or m['cpu']} ({m['cores']} cores)")
-    if hf_meta:
-        print(f"HF: torch {hf_meta['torch']}, transformers {hf_meta['transformers']}, {hf_meta['dtype']}, "
-              f"{hf_meta['parameters']:,} parameters")
+    if hf:
+        meta = hf.meta
+        print(f"HF: torch {meta['torch']}, transformers {meta['transformers']}, {meta['dtype']}, "
+              f"{meta['parameters']:,} parameters")
+    print(f"best of {args.trials} alternating trials per side (median ratio: medians of both sides)")
     print()
     print(print_table(args, rows))
     print()
-    print(f"wrote {summary_path}, {json_path}, {chart_path}")
+    print(f"wrote {summary_path} and torchwire-{stamp}-*.json/.svg in {args.out}")
 
 
 if __name__ == "__main__":

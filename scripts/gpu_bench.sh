@@ -64,8 +64,8 @@ log "HF generate at batch 1 and $BATCH, then torchwire bench at concurrency 1 an
   --prompt-tokens 128 \
   --output-tokens 128 \
   --batch "$BATCH" \
-  --repeats 2 \
-  --rounds 3 \
+  --trials 2 \
+  --rounds 2 \
   --bin-dir "$BIN_DIR" \
   --bandwidth-bound-ms "$BOUND_MS" \
   --label "llama-3.2-1b-shaped bf16 $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo gpu)"
