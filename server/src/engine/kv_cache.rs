@@ -10,7 +10,6 @@ pub struct KvCache {
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
     max_batch: usize,
-    max_context: usize,
 }
 
 impl KvCache {
@@ -41,7 +40,6 @@ impl KvCache {
             keys,
             values,
             max_batch,
-            max_context,
         })
     }
 
@@ -58,10 +56,6 @@ impl KvCache {
 
     pub fn max_batch(&self) -> usize {
         self.max_batch
-    }
-
-    pub fn max_context(&self) -> usize {
-        self.max_context
     }
 
     /// Stores a prompt's keys and values (`[1, kv_heads, T, head_dim]`) at
