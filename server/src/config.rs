@@ -27,6 +27,7 @@ const NUMERIC_KEYS: &[&str] = &[
     "threads",
     "shutdown_grace_secs",
     "max_batch_size",
+    "max_prefill_tokens",
     "max_context",
     "kv_cache_mib",
     "queue_size",
@@ -68,6 +69,9 @@ pub struct Cli {
     /// Sequences decoded together at most (config: models.<name>.max_batch_size).
     #[arg(long)]
     pub max_batch_size: Option<u32>,
+    /// Prompt tokens run in one batched prefill at most (config: models.<name>.max_prefill_tokens).
+    #[arg(long, value_name = "TOKENS")]
+    pub max_prefill_tokens: Option<u32>,
     /// Prompt + output tokens per sequence at most (config: models.<name>.max_context).
     #[arg(long)]
     pub max_context: Option<u32>,
@@ -154,6 +158,9 @@ pub struct ModelConfig {
     pub dtype: Option<String>,
     /// Sequences decoded together at most (ignored when kv_cache_mib is set).
     pub max_batch_size: u32,
+    /// Prompts joining the batch together run as one prefill of at most this
+    /// many (padded) tokens; a longer prompt runs alone.
+    pub max_prefill_tokens: u32,
     /// Prompt + output tokens per sequence; unset = the model's context, at most 4096.
     pub max_context: Option<u32>,
     /// KV cache budget in MiB; when set, the batch size is as many sequences
@@ -172,6 +179,7 @@ impl Default for ModelConfig {
             device: "auto".into(),
             dtype: None,
             max_batch_size: 32,
+            max_prefill_tokens: 4096,
             max_context: None,
             kv_cache_mib: None,
             queue_size: 64,
@@ -277,6 +285,9 @@ impl Config {
             if let Some(v) = cli.max_batch_size {
                 m.max_batch_size = v;
             }
+            if let Some(v) = cli.max_prefill_tokens {
+                m.max_prefill_tokens = v;
+            }
             if let Some(v) = cli.max_context {
                 m.max_context = Some(v);
             }
@@ -345,6 +356,12 @@ impl Config {
                 return Err(ServerError::config(
                     key("max_batch_size"),
                     "must be at most 1024",
+                ));
+            }
+            if m.max_prefill_tokens == 0 {
+                return Err(ServerError::config(
+                    key("max_prefill_tokens"),
+                    "must be at least 1",
                 ));
             }
             if let Some(ctx) = m.max_context {
@@ -575,6 +592,14 @@ mod tests {
             (
                 vec![("TORCHWIRE_MODELS__M__MAX_BATCH_SIZE", "0")],
                 "models.m.max_batch_size",
+            ),
+            (
+                vec![("TORCHWIRE_MODELS__M__MAX_PREFILL_TOKENS", "0")],
+                "models.m.max_prefill_tokens",
+            ),
+            (
+                vec![("TORCHWIRE_MODELS__M__MAX_PREFILL_TOKENS", "lots")],
+                "models.m.max_prefill_tokens",
             ),
             (
                 vec![("TORCHWIRE_MODELS__M__DEVICE", "tpu")],

@@ -95,7 +95,7 @@ async fn logits_and_greedy_tokens_match_transformers() {
     .unwrap();
     let mut cache = KvCache::new(
         model.num_layers(),
-        1,
+        reference.cases.len(),
         model.kv_heads(),
         256,
         model.head_dim(),
@@ -119,6 +119,29 @@ async fn logits_and_greedy_tokens_match_transformers() {
         assert!(
             diff < LOGIT_TOLERANCE,
             "{:?}: max |logit diff| = {diff}",
+            case.prompt
+        );
+    }
+
+    // The prompts (of different lengths) as one right-padded batch: each
+    // row is the logits of that prompt's last position.
+    let prompts: Vec<&[u32]> = reference
+        .cases
+        .iter()
+        .map(|c| c.input_ids.as_slice())
+        .collect();
+    assert!(prompts.iter().any(|p| p.len() != prompts[0].len()));
+    let batched = model.prefill_batch(&prompts, &mut cache, 0).unwrap();
+    for (i, case) in reference.cases.iter().enumerate() {
+        let last = case.logits.last().unwrap();
+        let theirs = Tensor::from_slice(last);
+        let diff = (batched.get(i as i64) - &theirs)
+            .abs()
+            .max()
+            .double_value(&[]);
+        assert!(
+            diff < LOGIT_TOLERANCE,
+            "{:?} in a batched prefill: max |logit diff| = {diff}",
             case.prompt
         );
     }

@@ -1,9 +1,12 @@
 //! The SVG chart `--chart` writes: output throughput (left) and latency
-//! percentiles (right, log scale) against concurrency or arrival rate.
+//! percentiles (right, log scale) against concurrency or arrival rate. The
+//! x axis has a tick at each measured level only, the latency axis at
+//! 1-2-5 steps, and each throughput point carries its value.
 
 use std::path::Path;
 
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use super::{BenchReport, Load, Percentiles};
 use crate::Error;
@@ -51,6 +54,7 @@ fn draw(report: &BenchReport, path: &Path) -> DrawResult {
     };
     let xs: Vec<f64> = report.levels.iter().map(|l| l.load.x()).collect();
     let (x_lo, x_hi) = padded_log_range(&xs);
+    let x_axis = || (x_lo..x_hi).log_scale().with_key_points(xs.clone());
 
     // Throughput.
     let tps: Vec<(f64, f64)> = report
@@ -64,17 +68,26 @@ fn draw(report: &BenchReport, path: &Path) -> DrawResult {
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d((x_lo..x_hi).log_scale(), 0.0..y_max)?;
+        .build_cartesian_2d(x_axis(), 0.0..y_max)?;
     chart
         .configure_mesh()
         .x_desc(x_desc)
         .y_desc("output tokens/s")
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_label_formatter(&|x| tick_label(*x))
         .y_label_formatter(&|y| format!("{y:.0}"))
+        .light_line_style(TRANSPARENT)
         .draw()?;
     series(&mut chart, &tps, BLUE, "output tokens/s")?;
+    let value_style = (FONT, 13)
+        .into_font()
+        .color(&BLACK)
+        .pos(Pos::new(HPos::Center, VPos::Bottom));
+    chart.draw_series(tps.iter().map(|&(x, y)| {
+        EmptyElement::at((x, y)) + Text::new(format!("{y:.0}"), (0, -8), value_style.clone())
+    }))?;
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;
@@ -106,19 +119,25 @@ fn draw(report: &BenchReport, path: &Path) -> DrawResult {
         .margin(15)
         .x_label_area_size(40)
         .y_label_area_size(70)
-        .build_cartesian_2d((x_lo..x_hi).log_scale(), (y_lo..y_hi).log_scale())?;
+        .build_cartesian_2d(
+            x_axis(),
+            (y_lo..y_hi)
+                .log_scale()
+                .with_key_points(ticks_1_2_5(y_lo, y_hi)),
+        )?;
     chart
         .configure_mesh()
         .x_desc(x_desc)
         .y_desc("milliseconds")
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .y_label_formatter(&|y| format!("{y}"))
+        .x_label_formatter(&|x| tick_label(*x))
+        .y_label_formatter(&|y| tick_label(*y))
         .draw()?;
     for (name, points, color) in &lines {
         series(&mut chart, points, *color, name)?;
     }
     chart
         .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;
@@ -149,6 +168,31 @@ where
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
     chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
     Ok(())
+}
+
+/// The values 1, 2, 5 times a power of ten that lie in `lo..=hi`.
+fn ticks_1_2_5(lo: f64, hi: f64) -> Vec<f64> {
+    let mut ticks = Vec::new();
+    if !(lo > 0.0 && hi >= lo) {
+        return ticks;
+    }
+    let mut decade = 10f64.powf(lo.log10().floor());
+    while decade <= hi {
+        for step in [1.0, 2.0, 5.0] {
+            let tick = decade * step;
+            if (lo..=hi).contains(&tick) {
+                ticks.push(tick);
+            }
+        }
+        decade *= 10.0;
+    }
+    ticks
+}
+
+/// A tick value without trailing zeros: 16, 0.5, 2.5.
+fn tick_label(v: f64) -> String {
+    let text = format!("{v:.3}");
+    text.trim_end_matches('0').trim_end_matches('.').to_string()
 }
 
 /// A positive range around `values` with some room on each side, wide
@@ -185,6 +229,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = write(&sample_report(), &dir.path().join("bench.png")).unwrap_err();
         assert!(err.to_string().contains(".svg"), "{err}");
+    }
+
+    #[test]
+    fn latency_ticks_step_1_2_5_and_labels_are_short() {
+        assert_eq!(
+            ticks_1_2_5(0.8, 60.0),
+            vec![1.0, 2.0, 5.0, 10.0, 20.0, 50.0]
+        );
+        assert_eq!(ticks_1_2_5(0.15, 0.6), vec![0.2, 0.5]);
+        assert!(ticks_1_2_5(0.0, 1.0).is_empty());
+        assert_eq!(tick_label(16.0), "16");
+        assert_eq!(tick_label(0.5), "0.5");
+        assert_eq!(tick_label(2.5), "2.5");
+        assert_eq!(tick_label(200.0), "200");
     }
 
     #[test]

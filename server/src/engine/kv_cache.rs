@@ -58,22 +58,22 @@ impl KvCache {
         self.max_batch
     }
 
-    /// Stores a prompt's keys and values (`[1, kv_heads, T, head_dim]`) at
-    /// positions `0..T` of `slot`.
-    pub fn write_prompt(
+    /// Stores the keys and values of N prompts (`[N, kv_heads, T, head_dim]`)
+    /// at positions `0..T` of slots `first_slot..first_slot + N`.
+    pub fn write_prompts(
         &mut self,
         layer: usize,
-        slot: usize,
+        first_slot: usize,
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(), TchError> {
-        let t = k.size()[2];
+        let (n, t) = (k.size()[0], k.size()[2]);
         self.keys[layer]
-            .f_narrow(0, slot as i64, 1)?
+            .f_narrow(0, first_slot as i64, n)?
             .f_narrow(2, 0, t)?
             .f_copy_(k)?;
         self.values[layer]
-            .f_narrow(0, slot as i64, 1)?
+            .f_narrow(0, first_slot as i64, n)?
             .f_narrow(2, 0, t)?
             .f_copy_(v)?;
         Ok(())

@@ -66,6 +66,7 @@ impl Engine {
                         tokenizer.clone(),
                         jobs_rx,
                         stats_thread,
+                        config_owned.max_prefill_tokens as usize,
                     );
                     if ready_tx.send(Ok((tokenizer, info))).is_ok() {
                         scheduler.run();

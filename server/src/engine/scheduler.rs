@@ -1,7 +1,7 @@
 //! The model thread's loop: continuous batching. At every step waiting
-//! requests join the batch (their prompt is run and their first token
-//! sampled at once), requests whose client is gone leave it, and one decode
-//! step runs every running sequence together.
+//! requests join the batch (their prompts run as batched prefills and their
+//! first tokens are sampled at once), requests whose client is gone leave it,
+//! and one decode step runs every running sequence together.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -42,6 +42,8 @@ pub(super) struct Scheduler {
     pub tokenizer: Arc<tokenizers::Tokenizer>,
     pub jobs: mpsc::Receiver<Job>,
     pub stats: Arc<Stats>,
+    /// Padded prompt tokens one batched prefill may hold.
+    pub max_prefill_tokens: usize,
     running: Vec<Sequence>,
 }
 
@@ -53,6 +55,7 @@ impl Scheduler {
         tokenizer: Arc<tokenizers::Tokenizer>,
         jobs: mpsc::Receiver<Job>,
         stats: Arc<Stats>,
+        max_prefill_tokens: usize,
     ) -> Self {
         Self {
             name,
@@ -61,6 +64,7 @@ impl Scheduler {
             tokenizer,
             jobs,
             stats,
+            max_prefill_tokens,
             running: Vec::new(),
         }
     }
@@ -80,55 +84,80 @@ impl Scheduler {
     /// Moves waiting jobs into free slots; blocks when nothing is running.
     /// Returns false once the queue is closed and nothing is left to do.
     fn admit(&mut self) -> bool {
+        let mut joining = Vec::new();
         if self.running.is_empty() {
             match self.jobs.blocking_recv() {
-                Some(job) => self.start(job),
+                Some(job) => joining.push(job),
                 None => return false,
             }
         }
-        while self.running.len() < self.cache.max_batch() {
+        while self.running.len() + joining.len() < self.cache.max_batch() {
             match self.jobs.try_recv() {
-                Ok(job) => self.start(job),
+                Ok(job) => joining.push(job),
                 Err(_) => break,
             }
         }
+        self.start(joining);
         true
     }
 
-    /// Runs a job's prompt in the next free slot and emits its first token.
-    fn start(&mut self, job: Job) {
-        if job.events.is_closed() {
-            Stats::add(&self.stats.cancelled, 1);
-            return;
+    /// Runs the prompts of joining jobs, shortest first, in batches of at
+    /// most `max_prefill_tokens` padded tokens, and emits their first tokens.
+    fn start(&mut self, mut jobs: Vec<Job>) {
+        jobs.retain(|job| {
+            let gone = job.events.is_closed();
+            if gone {
+                Stats::add(&self.stats.cancelled, 1);
+            }
+            !gone
+        });
+        jobs.sort_by_key(|job| job.prompt_ids.len());
+        while !jobs.is_empty() {
+            let lengths = jobs.iter().map(|job| job.prompt_ids.len());
+            let n = prefill_group_len(lengths, self.max_prefill_tokens);
+            let group: Vec<Job> = jobs.drain(..n).collect();
+            self.prefill(group);
         }
+    }
+
+    /// One batched prefill: the jobs take the next free slots, in order.
+    fn prefill(&mut self, jobs: Vec<Job>) {
         let started = Instant::now();
-        let slot = self.running.len();
-        let logits = self
+        let first = self.running.len();
+        let prompts: Vec<&[u32]> = jobs.iter().map(|j| j.prompt_ids.as_slice()).collect();
+        let rows = self
             .model
-            .prefill(&job.prompt_ids, &mut self.cache, slot, false);
-        Stats::add(&self.stats.prefills, 1);
-        let mut row = match logits.and_then(|l| Vec::<f32>::try_from(&l)) {
-            Ok(row) => row,
+            .prefill_batch(&prompts, &mut self.cache, first)
+            .and_then(|logits| Vec::<f32>::try_from(&logits.f_flatten(0, -1)?));
+        Stats::add(&self.stats.prefills, jobs.len() as u64);
+        let mut rows = match rows {
+            Ok(rows) => rows,
             Err(e) => {
-                self.fail(job, &e.to_string());
+                let message = e.to_string();
+                for job in jobs {
+                    self.fail(job, &message);
+                }
                 return;
             }
         };
-        let mut seq = Sequence {
-            sampler: Sampler::new(job.params.clone()),
-            history: job.prompt_ids.clone(),
-            cached: job.prompt_ids.len(),
-            next: 0,
-            generated: 0,
-            text: TextStream::new(job.stops.clone()),
-            started,
-            first_token: None,
-            job,
-        };
-        let sampled = seq.sampler.sample(&mut row, &seq.history);
-        if !self.emit(&mut seq, sampled) {
-            self.running.push(seq);
+        let vocab = rows.len() / jobs.len();
+        let mut sampled = Vec::with_capacity(jobs.len());
+        for (job, row) in jobs.into_iter().zip(rows.chunks_mut(vocab)) {
+            let mut sampler = Sampler::new(job.params.clone());
+            sampled.push(sampler.sample(row, &job.prompt_ids));
+            self.running.push(Sequence {
+                sampler,
+                history: job.prompt_ids.clone(),
+                cached: job.prompt_ids.len(),
+                next: 0,
+                generated: 0,
+                text: TextStream::new(job.stops.clone()),
+                started,
+                first_token: None,
+                job,
+            });
         }
+        self.emit_from(first, sampled);
     }
 
     /// One decode step over the whole batch.
@@ -151,13 +180,21 @@ impl Scheduler {
             }
         };
         self.stats.record_step(batch);
+        for seq in &mut self.running {
+            seq.cached += 1;
+        }
+        self.emit_from(0, sampled);
+    }
+
+    /// Emits `sampled[i]` for the sequence in slot `first + i` and removes
+    /// the sequences that finished.
+    fn emit_from(&mut self, first: usize, sampled: Vec<Sampled>) {
         // Taken out while emitting so that `emit` may borrow the scheduler.
         let mut running = std::mem::take(&mut self.running);
         let mut done = Vec::new();
-        for (i, (seq, s)) in running.iter_mut().zip(sampled).enumerate() {
-            seq.cached += 1;
+        for (i, (seq, s)) in running[first..].iter_mut().zip(sampled).enumerate() {
             if self.emit(seq, s) {
-                done.push(i);
+                done.push(first + i);
             }
         }
         self.running = running;
@@ -317,4 +354,35 @@ impl Scheduler {
 
 fn ms(d: std::time::Duration) -> f64 {
     (d.as_secs_f64() * 1e5).round() / 100.0
+}
+
+/// How many prompts of the given lengths (ascending) go into the next
+/// prefill: as many as fit `budget` tokens once padded to the longest, and
+/// at least one.
+fn prefill_group_len(lengths: impl Iterator<Item = usize>, budget: usize) -> usize {
+    let mut n = 0;
+    for len in lengths {
+        if n > 0 && (n + 1) * len > budget {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefill_group_len;
+
+    #[test]
+    fn prefill_groups_fill_the_padded_budget() {
+        let group = |lens: &[usize], budget| prefill_group_len(lens.iter().copied(), budget);
+        assert_eq!(group(&[32; 16], 4096), 16);
+        assert_eq!(group(&[32; 16], 100), 3);
+        // Padded to the longest: 3 x 40 > 100 stops at two.
+        assert_eq!(group(&[10, 20, 40, 40], 100), 2);
+        // A prompt longer than the budget still runs, alone.
+        assert_eq!(group(&[5000, 6000], 4096), 1);
+        assert_eq!(group(&[7], 1), 1);
+    }
 }

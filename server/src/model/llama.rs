@@ -2,6 +2,14 @@
 //! without sliding windows) written with tch ops: RMSNorm, rotary
 //! embeddings, grouped-query attention over a slot-based KV cache, SwiGLU MLP.
 //! q/k/v and gate/up projections are fused into one matmul each.
+//!
+//! Weights are kept as `[in, out]` (the transpose of the checkpoint's
+//! `[out, in]`), so every projection is a plain `x @ W` with `W` contiguous:
+//! on CPU, MKL then multiplies a few rows without repacking the weight at
+//! every call, about twice as fast at decode batch sizes. Residual adds are
+//! fused into the projection (`addmm`), the attention scale is folded into
+//! the q weights, and decode attention adds its mask inside the batched
+//! matmul (`baddbmm`), so a decode step launches few small ops.
 
 use std::path::Path;
 
@@ -21,6 +29,7 @@ pub struct LoadOptions {
     pub max_positions: usize,
 }
 
+/// One decoder layer; projection weights are `[in, out]`.
 struct Layer {
     input_norm: Tensor,
     qkv: Tensor,
@@ -73,8 +82,12 @@ impl Llama {
             let q = w.take(&p("self_attn.q_proj.weight"))?;
             let k = w.take(&p("self_attn.k_proj.weight"))?;
             let v = w.take(&p("self_attn.v_proj.weight"))?;
+            // Scores are q.k / sqrt(head_dim): the scale goes into q's
+            // weights (and bias) once, rotary embedding being linear.
+            let scale = 1.0 / (config.head_dim() as f64).sqrt();
+            let q = q * scale;
             let qkv_bias = if config.qkv_bias() {
-                let qb = w.take(&p("self_attn.q_proj.bias"))?;
+                let qb = w.take(&p("self_attn.q_proj.bias"))? * scale;
                 let kb = w.take(&p("self_attn.k_proj.bias"))?;
                 let vb = w.take(&p("self_attn.v_proj.bias"))?;
                 Some(Tensor::cat(&[qb, kb, vb], 0))
@@ -85,12 +98,12 @@ impl Llama {
             let up = w.take(&p("mlp.up_proj.weight"))?;
             let layer = Layer {
                 input_norm: w.take(&p("input_layernorm.weight"))?,
-                qkv: Tensor::cat(&[q, k, v], 0),
+                qkv: in_out(&Tensor::cat(&[q, k, v], 0)),
                 qkv_bias,
-                o: w.take(&p("self_attn.o_proj.weight"))?,
+                o: in_out(&w.take(&p("self_attn.o_proj.weight"))?),
                 post_norm: w.take(&p("post_attention_layernorm.weight"))?,
-                gate_up: Tensor::cat(&[gate, up], 0),
-                down: w.take(&p("mlp.down_proj.weight"))?,
+                gate_up: in_out(&Tensor::cat(&[gate, up], 0)),
+                down: in_out(&w.take(&p("mlp.down_proj.weight"))?),
             };
             for t in [
                 &layer.input_norm,
@@ -120,9 +133,12 @@ impl Llama {
         let lm_head = match w.take_optional("lm_head.weight") {
             Some(head) if !config.tie_word_embeddings => {
                 count(&head);
-                head
+                in_out(&head)
             }
-            _ => embed.shallow_clone(),
+            // Tied: on CPU a transposed copy (the fast layout; small models
+            // only), elsewhere a view, so the GPU holds the matrix once.
+            _ if opts.device == Device::Cpu => in_out(&embed),
+            _ => embed.tr(),
         };
         // Rotary inv-freq buffers are recomputed from the config.
         let leftover: Vec<&str> = w
@@ -174,8 +190,55 @@ impl Llama {
         all_positions: bool,
     ) -> Result<Tensor, TchError> {
         let _guard = tch::no_grad_guard();
-        let t = tokens.len() as i64;
-        let ids = ids_tensor(tokens, self.device)?.f_view([1, t])?;
+        let h = self.prompt_hidden(&[tokens], cache, slot)?;
+        if all_positions {
+            self.logits(&h)
+        } else {
+            self.logits(&h.f_narrow(0, tokens.len() as i64 - 1, 1)?)?
+                .f_squeeze_dim(0)
+        }
+    }
+
+    /// Runs several prompts as one batch, prompt `i` into cache slot
+    /// `first_slot + i`. Returns the float32 logits of each prompt's last
+    /// position, `[N, vocab]`.
+    pub fn prefill_batch(
+        &self,
+        prompts: &[&[u32]],
+        cache: &mut KvCache,
+        first_slot: usize,
+    ) -> Result<Tensor, TchError> {
+        let _guard = tch::no_grad_guard();
+        let h = self.prompt_hidden(prompts, cache, first_slot)?;
+        let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0) as i64;
+        let last: Vec<i64> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| i as i64 * t + p.len() as i64 - 1)
+            .collect();
+        let last = Tensor::from_slice(&last).f_to_device(self.device)?;
+        self.logits(&h.f_index_select(0, &last)?)
+    }
+
+    /// The decoder over prompts that start at position 0, right-padded to
+    /// the longest. Causal attention keeps every real position blind to the
+    /// padding after it; the padding's cache entries lie beyond each
+    /// sequence's length, where decode masks them until they are overwritten.
+    /// Returns the final hidden states `[N * T, hidden]`.
+    fn prompt_hidden(
+        &self,
+        prompts: &[&[u32]],
+        cache: &mut KvCache,
+        first_slot: usize,
+    ) -> Result<Tensor, TchError> {
+        let n = prompts.len() as i64;
+        let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0) as i64;
+        let mut padded = Vec::with_capacity((n * t) as usize);
+        for p in prompts {
+            padded.extend(p.iter().map(|&id| id as i64));
+            padded.resize(padded.len() + t as usize - p.len(), 0);
+        }
+        let ids = Tensor::from_slice(&padded).f_to_device(self.device)?;
         let cos = self
             .rope
             .cos
@@ -188,20 +251,18 @@ impl Llama {
             .f_view([1, t, 1, self.head_dim])?;
         let mut h = Tensor::f_embedding(&self.embed, &ids, -1, false, false)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let (q, k, v) = self.attention_inputs(layer, &h, &cos, &sin)?;
-            cache.write_prompt(i, slot, &k, &v)?;
-            // A fresh prompt attends only to itself: plain causal attention.
+            let (q, k, v) = self.attention_inputs(layer, &h, n, t, &cos, &sin)?;
+            cache.write_prompts(i, first_slot, &k, &v)?;
+            // A fresh prompt attends only to itself: plain causal attention
+            // (q carries the scale already).
             let attn = Tensor::f_scaled_dot_product_attention::<Tensor>(
-                &q, &k, &v, None, 0.0, true, None, true,
-            )?;
+                &q, &k, &v, None, 0.0, true, 1.0, true,
+            )?
+            .f_transpose(1, 2)?
+            .f_reshape([n * t, self.heads * self.head_dim])?;
             h = self.finish_layer(layer, h, &attn)?;
         }
-        let h = if all_positions {
-            h.f_squeeze_dim(0)?
-        } else {
-            h.f_select(1, t - 1)?.f_squeeze_dim(0)?
-        };
-        self.logits(&h)
+        Ok(h)
     }
 
     /// One decode step for the sequences in slots `0..B`: `tokens[b]` is fed
@@ -214,7 +275,7 @@ impl Llama {
     ) -> Result<Tensor, TchError> {
         let _guard = tch::no_grad_guard();
         let b = tokens.len() as i64;
-        let ids = ids_tensor(tokens, self.device)?.f_view([b, 1])?;
+        let ids = ids_tensor(tokens, self.device)?;
         let pos: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
         let pos_t = Tensor::from_slice(&pos).f_to_device(self.device)?;
         let cos = self
@@ -229,43 +290,50 @@ impl Llama {
             .f_view([b, 1, 1, self.head_dim])?;
         // Each sequence sees its own prefix: positions 0..=pos[b].
         let len = pos.iter().max().copied().unwrap_or(0) + 1;
-        // Additive mask, 0 where visible and -inf beyond each sequence's
-        // length, shaped for the grouped scores `[B, kv_heads, group, len]`.
-        let visible = Tensor::f_arange(len, (Kind::Int64, self.device))?
-            .f_view([1, len])?
-            .f_le_tensor(&pos_t.f_view([b, 1])?)?
-            .f_view([b, 1, 1, len])?;
-        let mask = Tensor::f_zeros([b, 1, 1, len], (self.kind, self.device))?
-            .f_masked_fill(&visible.f_logical_not()?, f64::NEG_INFINITY)?;
+        let mask = self.decode_mask(&pos_t, len)?;
         let slots = Tensor::f_arange(b, (Kind::Int64, self.device))?;
         let mut h = Tensor::f_embedding(&self.embed, &ids, -1, false, false)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let (q, k, v) = self.attention_inputs(layer, &h, &cos, &sin)?;
+            let (q, k, v) = self.attention_inputs(layer, &h, b, 1, &cos, &sin)?;
             cache.write_step(i, &slots, &pos_t, &k, &v)?;
             let (keys, values) = cache.view(i, b, len)?;
             let attn = self.decode_attention(&q, &keys, &values, &mask)?;
             h = self.finish_layer(layer, h, &attn)?;
         }
-        self.logits(&h.f_squeeze_dim(1)?)
+        self.logits(&h)
     }
 
-    /// Norm, fused q/k/v projection and rotary embedding. Returns q, k, v as
-    /// `[B, heads, T, head_dim]`.
+    /// Additive attention mask for a decode step, 0 where visible and -inf
+    /// beyond each sequence's position, shaped `[B * kv_heads, 1, len]` to
+    /// broadcast over the grouped scores `[B * kv_heads, group, len]`.
+    fn decode_mask(&self, positions: &Tensor, len: i64) -> Result<Tensor, TchError> {
+        let b = positions.size()[0];
+        let hidden = Tensor::f_arange(len, (Kind::Int64, self.device))?
+            .f_view([1, 1, len])?
+            .f_gt_tensor(&positions.f_view([b, 1, 1])?)?;
+        Tensor::f_zeros([b, 1, len], (self.kind, self.device))?
+            .f_masked_fill(&hidden, f64::NEG_INFINITY)?
+            .f_expand([b, self.kv_heads, len], false)?
+            .f_reshape([b * self.kv_heads, 1, len])
+    }
+
+    /// Norm, fused q/k/v projection and rotary embedding for hidden states
+    /// `[B * T, hidden]`. Returns q, k, v as `[B, heads, T, head_dim]`.
     fn attention_inputs(
         &self,
         layer: &Layer,
         h: &Tensor,
+        b: i64,
+        t: i64,
         cos: &Tensor,
         sin: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor), TchError> {
-        let (b, t) = (h.size()[0], h.size()[1]);
         let x = self.rms_norm(h, &layer.input_norm)?;
-        let qkv = x.f_linear(&layer.qkv, layer.qkv_bias.as_ref())?.f_view([
-            b,
-            t,
-            self.heads + 2 * self.kv_heads,
-            self.head_dim,
-        ])?;
+        let qkv = match &layer.qkv_bias {
+            Some(bias) => bias.f_addmm(&x, &layer.qkv)?,
+            None => x.f_mm(&layer.qkv)?,
+        };
+        let qkv = qkv.f_view([b, t, self.heads + 2 * self.kv_heads, self.head_dim])?;
         // Rotate q and k together: one set of ops for both.
         let qk = rope::apply(&qkv.f_narrow(2, 0, self.heads + self.kv_heads)?, cos, sin)?;
         let q = qk.f_narrow(2, 0, self.heads)?.f_transpose(1, 2)?;
@@ -281,7 +349,8 @@ impl Llama {
     /// Attention of one new token per sequence over its cached prefix.
     /// Query heads are grouped by the KV head they share, so keys and values
     /// are read in place from the cache view, never repeated per head.
-    /// `q`: `[B, heads, 1, d]`; keys/values: `[B, kv_heads, len, d]`.
+    /// `q`: `[B, heads, 1, d]` (already scaled); keys/values:
+    /// `[B, kv_heads, len, d]`. Returns `[B, heads * d]`.
     fn decode_attention(
         &self,
         q: &Tensor,
@@ -290,32 +359,27 @@ impl Llama {
         mask: &Tensor,
     ) -> Result<Tensor, TchError> {
         let b = q.size()[0];
-        let group = self.heads / self.kv_heads;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let q = q.f_reshape([b, self.kv_heads, group, self.head_dim])?;
-        let scores = q
-            .f_matmul(&keys.f_transpose(2, 3)?)?
-            .f_mul_scalar(scale)?
-            .f_add(mask)?;
+        let (groups, group) = (b * self.kv_heads, self.heads / self.kv_heads);
+        let len = keys.size()[2];
+        let q = q.f_reshape([groups, group, self.head_dim])?;
+        let keys = keys.f_reshape([groups, len, self.head_dim])?;
+        let values = values.f_reshape([groups, len, self.head_dim])?;
+        let scores = mask.f_baddbmm(&q, &keys.f_transpose(1, 2)?, 1.0, 1.0)?;
         let probs = scores.f_softmax(-1, scores.kind())?;
-        // [B, kv_heads, group, d] -> [B, heads, 1, d]
         probs
-            .f_matmul(values)?
-            .f_reshape([b, self.heads, 1, self.head_dim])
+            .f_bmm(&values)?
+            .f_reshape([b, self.heads * self.head_dim])
     }
 
-    /// Output projection, residual, and the SwiGLU MLP with its residual.
+    /// Output projection and residual, then the SwiGLU MLP and its residual;
+    /// `h`: `[M, hidden]`, `attn`: `[M, heads * head_dim]`.
     fn finish_layer(&self, layer: &Layer, h: Tensor, attn: &Tensor) -> Result<Tensor, TchError> {
-        let (b, t) = (h.size()[0], h.size()[1]);
-        let attn = attn
-            .f_transpose(1, 2)?
-            .f_reshape([b, t, self.heads * self.head_dim])?;
-        let h = h.f_add(&attn.f_linear::<Tensor>(&layer.o, None)?)?;
+        let h = h.f_addmm(attn, &layer.o)?;
         let x = self.rms_norm(&h, &layer.post_norm)?;
-        let gate_up = x.f_linear::<Tensor>(&layer.gate_up, None)?;
+        let gate_up = x.f_mm(&layer.gate_up)?;
         let halves = gate_up.f_chunk(2, -1)?;
         let act = halves[0].f_silu()?.f_mul(&halves[1])?;
-        h.f_add(&act.f_linear::<Tensor>(&layer.down, None)?)
+        h.f_addmm(&act, &layer.down)
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor, TchError> {
@@ -338,11 +402,16 @@ impl Llama {
         normed.f_mul(weight)
     }
 
+    /// Float32 logits of hidden states `[M, hidden]`.
     fn logits(&self, h: &Tensor) -> Result<Tensor, TchError> {
         let x = self.rms_norm(h, &self.norm)?;
-        x.f_linear::<Tensor>(&self.lm_head, None)?
-            .f_to_kind(Kind::Float)
+        x.f_mm(&self.lm_head)?.f_to_kind(Kind::Float)
     }
+}
+
+/// A checkpoint's `[out, in]` projection as a contiguous `[in, out]` matrix.
+fn in_out(weight: &Tensor) -> Tensor {
+    weight.tr().contiguous()
 }
 
 fn ids_tensor(tokens: &[u32], device: Device) -> Result<Tensor, TchError> {

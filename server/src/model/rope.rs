@@ -94,5 +94,5 @@ impl RopeTables {
 pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, tch::TchError> {
     let half = x.size()[3] / 2;
     let rotated = x.f_roll([half], [3])?;
-    x.f_mul(cos)?.f_add(&rotated.f_mul(sin)?)
+    x.f_mul(cos)?.f_addcmul_(&rotated, sin)
 }
