@@ -85,12 +85,7 @@ fn draw(report: &BenchReport, path: &Path) -> DrawResult {
     chart.draw_series(tps.iter().map(|&(x, y)| {
         EmptyElement::at((x, y)) + Text::new(format!("{y:.0}"), (0, -8), value_style.clone())
     }))?;
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()?;
+    legend(&mut chart)?;
 
     // Latency.
     let pick = |f: fn(&super::LevelResult) -> Option<Percentiles>,
@@ -135,14 +130,26 @@ fn draw(report: &BenchReport, path: &Path) -> DrawResult {
     for (name, points, color) in &lines {
         series(&mut chart, points, *color, name)?;
     }
+    legend(&mut chart)?;
+
+    root.present()?;
+    Ok(())
+}
+
+/// The legend, boxed, in the upper left corner.
+fn legend<'a, DB, X, Y>(chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>) -> DrawResult
+where
+    DB: DrawingBackend + 'a,
+    DB::ErrorType: 'static,
+    X: Ranged<ValueType = f64>,
+    Y: Ranged<ValueType = f64>,
+{
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.8))
         .border_style(BLACK)
         .draw()?;
-
-    root.present()?;
     Ok(())
 }
 
