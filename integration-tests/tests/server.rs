@@ -537,6 +537,45 @@ async fn sigterm_drains_the_stream_in_flight_then_exits_zero() {
 }
 
 #[tokio::test]
+async fn streams_past_the_grace_period_end_with_unavailable_and_the_model_stops() {
+    // One slot: the second request waits in the engine's queue.
+    let mut server = Server::start(&["--shutdown-grace", "0", "--max-batch-size", "1"])
+        .await
+        .unwrap();
+    let mut c = client(&server).await;
+    let mut running = c
+        .generate(request("A long time ago", 400))
+        .await
+        .unwrap()
+        .into_inner();
+    running.next().await.unwrap().unwrap();
+    let mut queued = c
+        .generate(request("Meanwhile", 400))
+        .await
+        .unwrap()
+        .into_inner();
+    server.signal(libc::SIGTERM);
+
+    for (name, stream) in [("running", &mut running), ("queued", &mut queued)] {
+        let mut ended = None;
+        while let Some(m) = stream.next().await {
+            if let Err(status) = m {
+                ended = Some(status);
+                break;
+            }
+        }
+        let status = ended.unwrap_or_else(|| panic!("the {name} stream ended without an error"));
+        assert_eq!(status.code(), Code::Unavailable, "{name}: {status:?}");
+        assert!(
+            status.message().contains("shutting down"),
+            "{name}: {status:?}"
+        );
+    }
+    let status = server.wait_exit(Duration::from_secs(30)).unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test]
 async fn a_bad_config_fails_at_startup_naming_the_key() {
     let bin = torchwire_integration_tests::binary_path("torchwire-server");
     let out = std::process::Command::new(bin)

@@ -113,6 +113,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             tracing::warn!("NATS consumer did not stop in time");
         }
     }
+    // Streams still running past the grace period end with UNAVAILABLE, so
+    // their clients can retry elsewhere; the model threads free their models.
+    if !generator.models().stop(Duration::from_secs(10)).await {
+        tracing::warn!("a model thread did not stop in time");
+    }
     let _ = stop_tx.send(());
     // Streams cut by the grace period may keep connections open: do not wait long.
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;

@@ -48,9 +48,10 @@ fn main() -> ExitCode {
     exit_now(code)
 }
 
-/// Ends the process without running libtorch's static destructors: a model
-/// thread may still be inside a tch call (its requests were cancelled or
-/// handed back), and tearing libtorch down under it can crash or hang.
+/// Ends the process without running libtorch's static destructors. The
+/// model threads were stopped and joined, but one that did not stop in time
+/// may still be inside a tch call, and tearing libtorch (and its OpenMP and
+/// CUDA state) down under it can crash or hang.
 fn exit_now(code: i32) -> ! {
     use std::io::Write;
     let _ = std::io::stdout().flush();

@@ -31,4 +31,14 @@ impl Models {
     pub fn iter(&self) -> impl Iterator<Item = &Engine> {
         self.engines.values()
     }
+
+    /// Stops every model thread (see `Engine::stop`), all at once. Returns
+    /// whether all of them ended within `timeout`.
+    pub async fn stop(&self, timeout: std::time::Duration) -> bool {
+        let stops = self.engines.values().map(|e| e.stop(timeout));
+        futures::future::join_all(stops)
+            .await
+            .into_iter()
+            .all(|s| s)
+    }
 }

@@ -9,7 +9,10 @@ pub mod stats;
 pub mod text;
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -38,12 +41,22 @@ pub struct ModelInfo {
     pub default_max_new_tokens: usize,
 }
 
+/// What the model thread is asked to do, in queue order.
+pub(crate) enum Command {
+    Generate(Job),
+    /// Wakes an idle model thread to see the stop flag.
+    Stop,
+}
+
 /// A running model: its queue, tokenizer and counters.
 pub struct Engine {
     pub info: ModelInfo,
     pub tokenizer: Arc<tokenizers::Tokenizer>,
     pub stats: Arc<Stats>,
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Command>,
+    /// Set to stop the model thread at its next step, ahead of the queue.
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Engine {
@@ -53,9 +66,11 @@ impl Engine {
         let (ready_tx, ready_rx) = oneshot::channel();
         let (jobs_tx, jobs_rx) = mpsc::channel(config.queue_size as usize);
         let stats = Arc::new(Stats::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_thread = stop.clone();
         let (name_owned, config_owned, stats_thread) =
             (name.to_string(), config.clone(), stats.clone());
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name(format!("model-{name}"))
             .spawn(move || match load(&name_owned, &config_owned) {
                 Ok((model, cache, tokenizer, info)) => {
@@ -67,6 +82,7 @@ impl Engine {
                         jobs_rx,
                         stats_thread,
                         config_owned.max_prefill_tokens as usize,
+                        stop_thread,
                     );
                     if ready_tx.send(Ok((tokenizer, info))).is_ok() {
                         scheduler.run();
@@ -89,23 +105,55 @@ impl Engine {
             tokenizer,
             stats,
             jobs: jobs_tx,
+            stop,
+            thread: Mutex::new(Some(thread)),
         })
     }
 
     /// Queues a job; a full queue is refused at once.
     pub fn submit(&self, job: Job) -> Result<(), ServerError> {
-        self.jobs.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => {
-                Stats::add(&self.stats.rejected, 1);
-                ServerError::Overloaded {
-                    model: self.info.name.clone(),
-                    capacity: self.info.queue_size,
+        self.jobs
+            .try_send(Command::Generate(job))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    Stats::add(&self.stats.rejected, 1);
+                    ServerError::Overloaded {
+                        model: self.info.name.clone(),
+                        capacity: self.info.queue_size,
+                    }
                 }
+                mpsc::error::TrySendError::Closed(_) => {
+                    ServerError::EngineStopped(self.info.name.clone())
+                }
+            })
+    }
+
+    /// Stops the model thread at its next step: what is still running or
+    /// queued gets UNAVAILABLE, and the thread frees the model and its cache.
+    /// Returns whether the thread ended within `timeout`.
+    pub async fn stop(&self, timeout: Duration) -> bool {
+        let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) else {
+            return true;
+        };
+        self.stop.store(true, Ordering::SeqCst);
+        let stop = async {
+            // Wakes the thread if it is idle. Waits for queue space if the
+            // queue is full (the stopping thread empties it); an error means
+            // the thread is gone already.
+            let _ = self.jobs.send(Command::Stop).await;
+            tokio::task::spawn_blocking(move || thread.join()).await
+        };
+        match tokio::time::timeout(timeout, stop).await {
+            Ok(Ok(Ok(()))) => true,
+            Ok(_) => {
+                tracing::error!(model = %self.info.name, "the model thread panicked");
+                true
             }
-            mpsc::error::TrySendError::Closed(_) => {
-                ServerError::EngineStopped(self.info.name.clone())
+            Err(_) => {
+                tracing::warn!(model = %self.info.name, "the model thread did not stop in time");
+                false
             }
-        })
+        }
     }
 
     /// Requests waiting in the queue now.

@@ -3,7 +3,8 @@
 //! first tokens are sampled at once), requests whose client is gone leave it,
 //! and one decode step runs every running sequence together.
 
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,6 +16,7 @@ use super::request::{Chunk, Event, Finish, FinishReason, Job, TokenLogprob};
 use super::sampler::{Sampled, Sampler};
 use super::stats::Stats;
 use super::text::{Decode, TextStream};
+use super::Command;
 use crate::error::ServerError;
 use crate::model::Llama;
 
@@ -40,10 +42,12 @@ pub(super) struct Scheduler {
     pub model: Llama,
     pub cache: KvCache,
     pub tokenizer: Arc<tokenizers::Tokenizer>,
-    pub jobs: mpsc::Receiver<Job>,
+    pub jobs: mpsc::Receiver<Command>,
     pub stats: Arc<Stats>,
     /// Padded prompt tokens one batched prefill may hold.
     pub max_prefill_tokens: usize,
+    /// Set by `Engine::stop`.
+    stop: Arc<AtomicBool>,
     running: Vec<Sequence>,
 }
 
@@ -53,9 +57,10 @@ impl Scheduler {
         model: Llama,
         cache: KvCache,
         tokenizer: Arc<tokenizers::Tokenizer>,
-        jobs: mpsc::Receiver<Job>,
+        jobs: mpsc::Receiver<Command>,
         stats: Arc<Stats>,
         max_prefill_tokens: usize,
+        stop: Arc<AtomicBool>,
     ) -> Self {
         Self {
             name,
@@ -65,11 +70,13 @@ impl Scheduler {
             jobs,
             stats,
             max_prefill_tokens,
+            stop,
             running: Vec::new(),
         }
     }
 
-    /// Serves jobs until every sender is gone and the batch has drained.
+    /// Serves jobs until told to stop, or until every sender is gone and the
+    /// batch has drained.
     pub fn run(mut self) {
         while self.admit() {
             self.drop_cancelled();
@@ -82,23 +89,47 @@ impl Scheduler {
     }
 
     /// Moves waiting jobs into free slots; blocks when nothing is running.
-    /// Returns false once the queue is closed and nothing is left to do.
+    /// Returns false once told to stop, or once the queue is closed and
+    /// nothing is left to do.
     fn admit(&mut self) -> bool {
         let mut joining = Vec::new();
         if self.running.is_empty() {
             match self.jobs.blocking_recv() {
-                Some(job) => joining.push(job),
+                Some(Command::Generate(job)) => joining.push(job),
+                Some(Command::Stop) => {}
                 None => return false,
             }
         }
+        if self.stop.load(SeqCst) {
+            return self.stop(joining);
+        }
         while self.running.len() + joining.len() < self.cache.max_batch() {
             match self.jobs.try_recv() {
-                Ok(job) => joining.push(job),
+                Ok(Command::Generate(job)) => joining.push(job),
+                Ok(Command::Stop) => {}
                 Err(_) => break,
             }
         }
         self.start(joining);
         true
+    }
+
+    /// Ends every request still here, running or queued, with UNAVAILABLE.
+    fn stop(&mut self, joining: Vec<Job>) -> bool {
+        let running = std::mem::take(&mut self.running).into_iter().map(|s| s.job);
+        let mut ended = 0;
+        for job in running.chain(joining) {
+            let _ = job.events.send(Event::Failed(ServerError::ShuttingDown));
+            ended += 1;
+        }
+        while let Ok(command) = self.jobs.try_recv() {
+            if let Command::Generate(job) = command {
+                let _ = job.events.send(Event::Failed(ServerError::ShuttingDown));
+                ended += 1;
+            }
+        }
+        tracing::info!(model = %self.name, requests_ended = ended, "model thread stopping");
+        false
     }
 
     /// Runs the prompts of joining jobs, shortest first, in batches of at
