@@ -342,7 +342,8 @@ async fn sigterm_finishes_or_gives_back_everything() {
     let mut server = start_server(
         &nats,
         30,
-        &["--max-batch-size", "2", "--shutdown-grace", "1"],
+        // No grace: the long requests (0.8 s of work) cannot finish.
+        &["--max-batch-size", "2", "--shutdown-grace", "0"],
     )
     .await;
     // Two long requests fill the batch; three short ones wait in the stream.

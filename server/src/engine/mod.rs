@@ -79,10 +79,12 @@ impl Engine {
                         model,
                         cache,
                         tokenizer.clone(),
-                        jobs_rx,
+                        scheduler::Inbox {
+                            jobs: jobs_rx,
+                            stop: stop_thread,
+                        },
                         stats_thread,
                         config_owned.max_prefill_tokens as usize,
-                        stop_thread,
                     );
                     if ready_tx.send(Ok((tokenizer, info))).is_ok() {
                         scheduler.run();

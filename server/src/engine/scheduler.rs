@@ -37,17 +37,22 @@ struct Sequence {
     first_token: Option<Instant>,
 }
 
-pub(super) struct Scheduler {
-    pub name: String,
-    pub model: Llama,
-    pub cache: KvCache,
-    pub tokenizer: Arc<tokenizers::Tokenizer>,
+/// What the model thread is told: jobs in queue order, and a stop flag
+/// (set by `Engine::stop`) that overtakes the queue.
+pub(super) struct Inbox {
     pub jobs: mpsc::Receiver<Command>,
-    pub stats: Arc<Stats>,
+    pub stop: Arc<AtomicBool>,
+}
+
+pub(super) struct Scheduler {
+    name: String,
+    model: Llama,
+    cache: KvCache,
+    tokenizer: Arc<tokenizers::Tokenizer>,
+    inbox: Inbox,
+    stats: Arc<Stats>,
     /// Padded prompt tokens one batched prefill may hold.
-    pub max_prefill_tokens: usize,
-    /// Set by `Engine::stop`.
-    stop: Arc<AtomicBool>,
+    max_prefill_tokens: usize,
     running: Vec<Sequence>,
 }
 
@@ -57,20 +62,18 @@ impl Scheduler {
         model: Llama,
         cache: KvCache,
         tokenizer: Arc<tokenizers::Tokenizer>,
-        jobs: mpsc::Receiver<Command>,
+        inbox: Inbox,
         stats: Arc<Stats>,
         max_prefill_tokens: usize,
-        stop: Arc<AtomicBool>,
     ) -> Self {
         Self {
             name,
             model,
             cache,
             tokenizer,
-            jobs,
+            inbox,
             stats,
             max_prefill_tokens,
-            stop,
             running: Vec::new(),
         }
     }
@@ -94,17 +97,17 @@ impl Scheduler {
     fn admit(&mut self) -> bool {
         let mut joining = Vec::new();
         if self.running.is_empty() {
-            match self.jobs.blocking_recv() {
+            match self.inbox.jobs.blocking_recv() {
                 Some(Command::Generate(job)) => joining.push(job),
                 Some(Command::Stop) => {}
                 None => return false,
             }
         }
-        if self.stop.load(SeqCst) {
+        if self.inbox.stop.load(SeqCst) {
             return self.stop(joining);
         }
         while self.running.len() + joining.len() < self.cache.max_batch() {
-            match self.jobs.try_recv() {
+            match self.inbox.jobs.try_recv() {
                 Ok(Command::Generate(job)) => joining.push(job),
                 Ok(Command::Stop) => {}
                 Err(_) => break,
@@ -122,7 +125,7 @@ impl Scheduler {
             let _ = job.events.send(Event::Failed(ServerError::ShuttingDown));
             ended += 1;
         }
-        while let Ok(command) = self.jobs.try_recv() {
+        while let Ok(command) = self.inbox.jobs.try_recv() {
             if let Command::Generate(job) = command {
                 let _ = job.events.send(Event::Failed(ServerError::ShuttingDown));
                 ended += 1;
