@@ -268,8 +268,9 @@ def compare(args, hf_seconds, tw_reports):
     """Per size: each side's best and median trial, and their ratios."""
     n = args.output_tokens
     rows = []
-    for size, target in ((1, 2.0), (args.batch, 1.5)):
-        row = {"size": size, "target": target}
+    for size in (1, args.batch):
+        target = args.ratio_targets.get(size)
+        row = {"size": size, "target": target, "tok_s_target": args.tok_s_targets.get(size)}
         times = hf_seconds.get(size) or []
         if times:
             best, median = min(times), statistics.median(times)
@@ -293,7 +294,10 @@ def compare(args, hf_seconds, tw_reports):
             row["ratio"] = row["torchwire"]["output_tokens_per_s"] / row["hf"]["output_tokens_per_s"]
             row["median_ratio"] = (row["torchwire"]["median_output_tokens_per_s"]
                                    / row["hf"]["median_output_tokens_per_s"])
-            row["meets_target"] = row["ratio"] >= target
+            if target is not None:
+                row["meets_target"] = row["ratio"] >= target
+        if "torchwire" in row and row["tok_s_target"] is not None:
+            row["meets_tok_s_target"] = row["torchwire"]["output_tokens_per_s"] >= row["tok_s_target"]
         rows.append(row)
     return rows
 
@@ -308,6 +312,8 @@ def print_table(args, rows):
             "torchwire TTFT p50 ms", "ratio", "target", "median ratio"]
     if bound:
         head += ["HF % of bound", "torchwire % of bound"]
+    if args.tok_s_targets:
+        head += ["torchwire tok/s target"]
     lines = [head]
     for r in rows:
         h, t = r.get("hf") or {}, r.get("torchwire") or {}
@@ -320,7 +326,7 @@ def print_table(args, rows):
             fmt(t.get("ms_per_step"), ".2f"),
             fmt(t.get("ttft_p50_ms"), ".1f"),
             "-" if "ratio" not in r else f"{r['ratio']:.2f}x",
-            f">= {r['target']}x" + ("" if met is None else (" ok" if met else " MISSED")),
+            "-" if r["target"] is None else f">= {r['target']}x" + ("" if met is None else (" ok" if met else " MISSED")),
             "-" if "median_ratio" not in r else f"{r['median_ratio']:.2f}x",
         ]
         if bound:
@@ -328,6 +334,9 @@ def print_table(args, rows):
                 "-" if not h.get("ms_per_step") else f"{100 * bound / h['ms_per_step']:.1f}%",
                 "-" if not t.get("ms_per_step") else f"{100 * bound / t['ms_per_step']:.1f}%",
             ]
+        if args.tok_s_targets:
+            goal, ok = r.get("tok_s_target"), r.get("meets_tok_s_target")
+            line.append("-" if goal is None else f">= {goal:,.0f}" + ("" if ok is None else (" ok" if ok else " MISSED")))
         lines.append(line)
     widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
     out = []
@@ -337,6 +346,21 @@ def print_table(args, rows):
         if i == 0:
             out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(out)
+
+
+def parse_targets(text, batch, parser):
+    """'1=2.0,batch=1.5' -> {1: 2.0, batch: 1.5}; 'none' -> {}."""
+    if text.strip().lower() == "none":
+        return {}
+    goals = {}
+    for part in text.split(","):
+        size, _, goal = part.partition("=")
+        try:
+            key = batch if size.strip() == "batch" else int(size)
+            goals[key] = float(goal)
+        except ValueError:
+            parser.error(f"targets: expected SIZE=NUMBER[,...] (SIZE an integer or 'batch'), got {part!r}")
+    return goals
 
 
 def main():
@@ -359,7 +383,13 @@ def main():
     p.add_argument("--bandwidth-bound-ms", type=float, default=None,
                    help="lower bound of one decode step (ms) to report each side against")
     p.add_argument("--skip-hf", action="store_true", help="only run torchwire")
+    p.add_argument("--ratio-targets", default="1=2.0,batch=1.5",
+                   help="torchwire/HF tok/s ratio goals per size, e.g. 1=2.0,batch=1.5 ('none' for no goals)")
+    p.add_argument("--tok-s-targets", default="none",
+                   help="torchwire output tok/s goals per concurrency, e.g. 1=300,64=10000")
     args = p.parse_args()
+    args.ratio_targets = parse_targets(args.ratio_targets, args.batch, p)
+    args.tok_s_targets = parse_targets(args.tok_s_targets, args.batch, p)
     args.model = os.path.abspath(args.model)
     args.label = args.label or f"{os.path.basename(args.model)} {args.device} {args.threads} threads"
     os.makedirs(args.out, exist_ok=True)

@@ -68,5 +68,7 @@ log "HF generate at batch 1 and $BATCH, then torchwire bench at concurrency 1 an
   --rounds 2 \
   --bin-dir "$BIN_DIR" \
   --bandwidth-bound-ms "$BOUND_MS" \
+  --ratio-targets none \
+  --tok-s-targets "1=300,$BATCH=10000" \
   --label "llama-3.2-1b-shaped bf16 $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 || echo gpu)"
 log "done"
