@@ -123,6 +123,27 @@ async fn logits_and_greedy_tokens_match_transformers() {
         );
     }
 
+    // One sequence alone, step by step (the decode path where every
+    // sequence is at the same position).
+    let case = &reference.cases[0];
+    let mut next = model
+        .prefill(&case.input_ids, &mut cache, 0, false)
+        .unwrap()
+        .argmax(-1, false)
+        .int64_value(&[]) as u32;
+    let mut alone = vec![next];
+    while alone.len() < case.greedy_ids.len() {
+        let position = case.input_ids.len() + alone.len() - 1;
+        let logits = model.decode(&[next], &[position], &mut cache).unwrap();
+        next = logits.argmax(-1, false).int64_value(&[0]) as u32;
+        alone.push(next);
+    }
+    assert_eq!(
+        alone, case.greedy_ids,
+        "greedy decode of {:?} alone",
+        case.prompt
+    );
+
     // The prompts (of different lengths) as one right-padded batch: each
     // row is the logits of that prompt's last position.
     let prompts: Vec<&[u32]> = reference

@@ -79,6 +79,27 @@ impl KvCache {
         Ok(())
     }
 
+    /// Stores one step's keys and values (`[B, kv_heads, 1, head_dim]`) at
+    /// `position` of slots `0..B`: every sequence is at the same position.
+    pub fn write_position(
+        &mut self,
+        layer: usize,
+        position: i64,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(), TchError> {
+        let b = k.size()[0];
+        self.keys[layer]
+            .f_narrow(0, 0, b)?
+            .f_narrow(2, position, 1)?
+            .f_copy_(k)?;
+        self.values[layer]
+            .f_narrow(0, 0, b)?
+            .f_narrow(2, position, 1)?
+            .f_copy_(v)?;
+        Ok(())
+    }
+
     /// Stores one new token per sequence (`[B, kv_heads, 1, head_dim]`) for
     /// slots `slots[b]` at positions `positions[b]`.
     pub fn write_step(

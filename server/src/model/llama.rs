@@ -276,28 +276,47 @@ impl Llama {
         let _guard = tch::no_grad_guard();
         let b = tokens.len() as i64;
         let ids = ids_tensor(tokens, self.device)?;
-        let pos: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
-        let pos_t = Tensor::from_slice(&pos).f_to_device(self.device)?;
-        let cos = self
-            .rope
-            .cos
-            .f_index_select(0, &pos_t)?
-            .f_view([b, 1, 1, self.head_dim])?;
-        let sin = self
-            .rope
-            .sin
-            .f_index_select(0, &pos_t)?
-            .f_view([b, 1, 1, self.head_dim])?;
         // Each sequence sees its own prefix: positions 0..=pos[b].
-        let len = pos.iter().max().copied().unwrap_or(0) + 1;
-        let mask = self.decode_mask(&pos_t, len)?;
-        let slots = Tensor::f_arange(b, (Kind::Int64, self.device))?;
+        let len = positions.iter().max().copied().unwrap_or(0) as i64 + 1;
+        let step = if positions.iter().all(|&p| p as i64 == len - 1) {
+            // Every sequence at the same position (always so at batch 1):
+            // no mask, and plain slices instead of gathers and scatters.
+            StepPositions::Same(len - 1)
+        } else {
+            let pos: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
+            let pos = Tensor::from_slice(&pos).f_to_device(self.device)?;
+            let slots = Tensor::f_arange(b, (Kind::Int64, self.device))?;
+            let mask = self.decode_mask(&pos, len)?;
+            StepPositions::Mixed { pos, slots, mask }
+        };
+        let (cos, sin) = match &step {
+            StepPositions::Same(p) => (
+                self.rope.cos.f_narrow(0, *p, 1)?,
+                self.rope.sin.f_narrow(0, *p, 1)?,
+            ),
+            StepPositions::Mixed { pos, .. } => (
+                self.rope.cos.f_index_select(0, pos)?,
+                self.rope.sin.f_index_select(0, pos)?,
+            ),
+        };
+        let rows = cos.size()[0];
+        let cos = cos.f_view([rows, 1, 1, self.head_dim])?;
+        let sin = sin.f_view([rows, 1, 1, self.head_dim])?;
         let mut h = Tensor::f_embedding(&self.embed, &ids, -1, false, false)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let (q, k, v) = self.attention_inputs(layer, &h, b, 1, &cos, &sin)?;
-            cache.write_step(i, &slots, &pos_t, &k, &v)?;
+            let mask = match &step {
+                StepPositions::Same(p) => {
+                    cache.write_position(i, *p, &k, &v)?;
+                    None
+                }
+                StepPositions::Mixed { pos, slots, mask } => {
+                    cache.write_step(i, slots, pos, &k, &v)?;
+                    Some(mask)
+                }
+            };
             let (keys, values) = cache.view(i, b, len)?;
-            let attn = self.decode_attention(&q, &keys, &values, &mask)?;
+            let attn = self.decode_attention(&q, &keys, &values, mask)?;
             h = self.finish_layer(layer, h, &attn)?;
         }
         self.logits(&h)
@@ -356,7 +375,7 @@ impl Llama {
         q: &Tensor,
         keys: &Tensor,
         values: &Tensor,
-        mask: &Tensor,
+        mask: Option<&Tensor>,
     ) -> Result<Tensor, TchError> {
         let b = q.size()[0];
         let (groups, group) = (b * self.kv_heads, self.heads / self.kv_heads);
@@ -364,7 +383,11 @@ impl Llama {
         let q = q.f_reshape([groups, group, self.head_dim])?;
         let keys = keys.f_reshape([groups, len, self.head_dim])?;
         let values = values.f_reshape([groups, len, self.head_dim])?;
-        let scores = mask.f_baddbmm(&q, &keys.f_transpose(1, 2)?, 1.0, 1.0)?;
+        let keys = keys.f_transpose(1, 2)?;
+        let scores = match mask {
+            Some(mask) => mask.f_baddbmm(&q, &keys, 1.0, 1.0)?,
+            None => q.f_bmm(&keys)?,
+        };
         let probs = scores.f_softmax(-1, scores.kind())?;
         probs
             .f_bmm(&values)?
@@ -407,6 +430,18 @@ impl Llama {
         let x = self.rms_norm(h, &self.norm)?;
         x.f_mm(&self.lm_head)?.f_to_kind(Kind::Float)
     }
+}
+
+/// Where the sequences of a decode step are.
+enum StepPositions {
+    /// All at this position.
+    Same(i64),
+    /// At positions `pos` (`[B]`), with their slots `0..B` and attention mask.
+    Mixed {
+        pos: Tensor,
+        slots: Tensor,
+        mask: Tensor,
+    },
 }
 
 /// A checkpoint's `[out, in]` projection as a contiguous `[in, out]` matrix.
