@@ -147,3 +147,19 @@ impl Telemetry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn exporters_build_for_http_and_https_collectors() {
+        // Nothing listens there: building must not connect (a collector
+        // that is down at start-up must not stop the service).
+        for url in ["http://127.0.0.1:9", "https://collector.example:4317"] {
+            let provider =
+                tracer_provider("torchwire-test", url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            provider.shutdown_with_timeout(FLUSH_TIMEOUT).unwrap();
+        }
+    }
+}
