@@ -58,7 +58,7 @@ pub struct Telemetry {
 /// `service_name` is the `service.name` resource attribute unless
 /// `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES` names one. The SDK reads
 /// the other standard variables itself: `OTEL_TRACES_SAMPLER`(`_ARG`),
-/// `OTEL_BSP_*`, `OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT`, `_HEADERS`, `_COMPRESSION`.
+/// `OTEL_BSP_*`, `OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT` and `_HEADERS`.
 pub fn init(
     service_name: &'static str,
     format: LogFormat,
@@ -71,8 +71,8 @@ pub fn init(
         LogFormat::Text => fmt.with_filter(logs).boxed(),
     };
     // A collector that cannot be set up costs the traces, never the service.
-    let (provider, setup_error) = match otlp_endpoint.map(|url| tracer_provider(service_name, url))
-    {
+    let built = otlp_endpoint.map(|url| tracer_provider(service_name, url));
+    let (provider, setup_error) = match built {
         Some(Ok(provider)) => (Some(provider), None),
         Some(Err(e)) => (None, Some(e)),
         None => (None, None),
