@@ -60,9 +60,10 @@ impl ChildProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        // Only the variables a test passes: no TORCHWIRE_* from the shell.
+        // Only the variables a test passes: no TORCHWIRE_* (or OTEL_*, which
+        // would export spans somewhere) from the shell.
         for (k, _) in std::env::vars() {
-            if k.starts_with("TORCHWIRE_") {
+            if k.starts_with("TORCHWIRE_") || k.starts_with("OTEL_") {
                 cmd.env_remove(k);
             }
         }

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use torchwire_nats::{NatsConfig, NatsError};
 
 use crate::error::ScalerError;
+pub use torchwire_telemetry::LogFormat;
 
 /// Config file read when `--config` is not given, if it exists.
 const DEFAULT_CONFIG_FILE: &str = "torchwire-scaler.toml";
@@ -111,6 +112,10 @@ pub struct Cli {
     /// Log format: text or json (config: log_format).
     #[arg(long)]
     pub log_format: Option<String>,
+    /// OTLP/gRPC collector to export spans to, e.g. http://otel-collector:4317
+    /// (config: otlp_endpoint; default: OTEL_EXPORTER_OTLP_ENDPOINT, else off).
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// The whole scaler configuration.
@@ -137,6 +142,9 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     /// `text` or `json` log lines.
     pub log_format: LogFormat,
+    /// OTLP/gRPC collector spans are exported to; unset = the standard
+    /// `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`, else no export.
+    pub otlp_endpoint: Option<String>,
 }
 
 /// TLS for the scaler's gRPC endpoint; unset = plaintext.
@@ -164,16 +172,9 @@ impl Default for Config {
             heartbeat_secs: 30,
             shutdown_grace_secs: 5,
             log_format: LogFormat::Text,
+            otlp_endpoint: None,
         }
     }
-}
-
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 impl Config {
@@ -197,6 +198,12 @@ impl Config {
         figment = figment.merge(EnvVars::new(env));
         let mut config: Config = figment.extract().map_err(figment_error)?;
         config.apply_cli(cli)?;
+        config.otlp_endpoint = torchwire_telemetry::resolve_endpoint(
+            config.otlp_endpoint.as_deref(),
+            "otlp_endpoint",
+            env,
+        )
+        .map_err(|e| ScalerError::config(e.key, e.message))?;
         config.validate()?;
         Ok(config)
     }
@@ -235,6 +242,7 @@ impl Config {
         set(&mut self.stale_after_ms, &cli.stale_after_ms);
         set(&mut self.idle_timeout_secs, &cli.idle_timeout_secs);
         set(&mut self.heartbeat_secs, &cli.heartbeat_secs);
+        set_some(&mut self.otlp_endpoint, &cli.otlp_endpoint);
         if let Some(format) = &cli.log_format {
             self.log_format = match format.as_str() {
                 "json" => LogFormat::Json,
@@ -253,6 +261,10 @@ impl Config {
     /// Checks every value; the error names the offending key.
     pub fn validate(&self) -> Result<(), ScalerError> {
         self.listen_addr()?;
+        if let Some(url) = &self.otlp_endpoint {
+            torchwire_telemetry::resolve_endpoint(Some(url), "otlp_endpoint", &[])
+                .map_err(|e| ScalerError::config(e.key, e.message))?;
+        }
         self.nats.validate().map_err(|e| match e {
             NatsError::Config { key, message } => ScalerError::Config { key, message },
             other => ScalerError::Nats(other),
@@ -541,5 +553,30 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(key_of(load(cli, &[])), "--config");
+        let cli = Cli {
+            otlp_endpoint: Some("collector:4317".into()),
+            ..Default::default()
+        };
+        assert_eq!(key_of(load(cli, &[])), "otlp_endpoint");
+    }
+
+    #[test]
+    fn otlp_endpoint_comes_from_env_and_flags_before_the_otel_variable() {
+        let otel = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:4317");
+        let endpoint =
+            |cli: &Cli, vars: &[(&str, &str)]| Config::load(cli, &env(vars)).unwrap().otlp_endpoint;
+        let mut cli = Cli::default();
+        assert_eq!(endpoint(&cli, &[]), None);
+        assert_eq!(endpoint(&cli, &[otel]).as_deref(), Some("http://otel:4317"));
+        let mine = ("TORCHWIRE_SCALER_OTLP_ENDPOINT", "http://env:4317");
+        assert_eq!(
+            endpoint(&cli, &[otel, mine]).as_deref(),
+            Some("http://env:4317")
+        );
+        cli.otlp_endpoint = Some("http://flag:4317".into());
+        assert_eq!(
+            endpoint(&cli, &[otel, mine]).as_deref(),
+            Some("http://flag:4317")
+        );
     }
 }

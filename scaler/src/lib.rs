@@ -8,7 +8,6 @@ pub mod config;
 pub mod connections;
 pub mod error;
 pub mod service;
-pub mod telemetry;
 pub mod trigger;
 
 pub use error::ScalerError;

@@ -1,10 +1,11 @@
-//! torchwire-scaler: parse config, start logging, serve until SIGTERM/SIGINT.
+//! torchwire-scaler: parse config, start logging and tracing, serve until
+//! SIGTERM/SIGINT, flush the last spans.
 
 use std::process::ExitCode;
 
 use clap::Parser;
+use torchwire_scaler::app;
 use torchwire_scaler::config::{Cli, Config};
-use torchwire_scaler::{app, telemetry};
 
 /// Exit status for a bad configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -20,15 +21,23 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    telemetry::init(config.log_format);
-    match app::run(config, shutdown_signal()).await {
+    let telemetry = torchwire_telemetry::init(
+        "torchwire-scaler",
+        config.log_format,
+        config.otlp_endpoint.as_deref(),
+    );
+    let code = match app::run(config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
             eprintln!("torchwire-scaler: {e}");
             ExitCode::FAILURE
         }
-    }
+    };
+    // The flush blocks (bounded): off the runtime's workers, which its
+    // export still needs.
+    let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
+    code
 }
 
 /// Resolves on SIGTERM or SIGINT.

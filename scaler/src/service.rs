@@ -2,22 +2,30 @@
 //! target for the HPA, activation for 0 <-> 1 replicas, and a push stream that
 //! wakes KEDA as soon as requests arrive at an idle deployment.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
 use futures::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 use torchwire_proto::externalscaler::external_scaler_server::ExternalScaler;
 use torchwire_proto::externalscaler::{
     GetMetricSpecResponse, GetMetricsRequest, GetMetricsResponse, IsActiveResponse, MetricSpec,
     MetricValue, ScaledObjectRef,
 };
+use torchwire_telemetry::GrpcMetadata;
+use tracing::field::Empty;
+use tracing::Instrument;
 
 use crate::backlog::{Counts, WatchKey, Watchers};
 use crate::error::ScalerError;
 use crate::trigger::{Trigger, TriggerDefaults};
+
+/// The gRPC service name, as spans report it.
+const SERVICE: &str = "externalscaler.ExternalScaler";
 
 /// The metric the HPA scales on: requests waiting (+ in flight, by default).
 pub const BACKLOG_METRIC: &str = "backlog";
@@ -131,11 +139,15 @@ impl ExternalScaler for ScalerService {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<IsActiveResponse>, Status> {
-        let object = request.into_inner();
-        let result = self
-            .is_active_inner(&object)
-            .await
-            .inspect_err(|e| log_error("IsActive", &object, e))?;
+        let (metadata, _, object) = request.into_parts();
+        let result = traced(
+            "IsActive",
+            &metadata,
+            &object,
+            self.is_active_inner(&object),
+        )
+        .await
+        .inspect_err(|e| log_error("IsActive", &object, e))?;
         tracing::debug!(name = %object.name, namespace = %object.namespace, result, "IsActive");
         Ok(Response::new(IsActiveResponse { result }))
     }
@@ -207,10 +219,12 @@ impl ExternalScaler for ScalerService {
         &self,
         request: Request<ScaledObjectRef>,
     ) -> Result<Response<GetMetricSpecResponse>, Status> {
-        let object = request.into_inner();
-        let spec = self
-            .metric_spec(&object)
-            .inspect_err(|e| log_error("GetMetricSpec", &object, e))?;
+        let (metadata, _, object) = request.into_parts();
+        let spec = traced("GetMetricSpec", &metadata, &object, async {
+            self.metric_spec(&object)
+        })
+        .await
+        .inspect_err(|e| log_error("GetMetricSpec", &object, e))?;
         Ok(Response::new(spec))
     }
 
@@ -218,17 +232,45 @@ impl ExternalScaler for ScalerService {
         &self,
         request: Request<GetMetricsRequest>,
     ) -> Result<Response<GetMetricsResponse>, Status> {
-        let request = request.into_inner();
-        let metrics = self.metrics(&request).await.inspect_err(|e| {
-            log_error(
-                "GetMetrics",
-                &request.scaled_object_ref.clone().unwrap_or_default(),
-                e,
-            )
-        })?;
+        let (metadata, _, request) = request.into_parts();
+        let object = request.scaled_object_ref.clone().unwrap_or_default();
+        let metrics = traced("GetMetrics", &metadata, &object, self.metrics(&request))
+            .await
+            .inspect_err(|e| log_error("GetMetrics", &object, e))?;
         tracing::debug!(metric = %request.metric_name, values = ?metrics.metric_values, "GetMetrics");
         Ok(Response::new(metrics))
     }
+}
+
+/// Runs one unary call in its span (exported when tracing is on), a child
+/// of the caller's W3C trace context when the metadata carries one.
+async fn traced<T>(
+    method: &'static str,
+    metadata: &MetadataMap,
+    object: &ScaledObjectRef,
+    call: impl Future<Output = Result<T, ScalerError>>,
+) -> Result<T, ScalerError> {
+    let name = format!("{SERVICE}/{method}");
+    let span = tracing::info_span!(
+        parent: None,
+        "keda",
+        otel.name = name.as_str(),
+        otel.kind = "server",
+        otel.status_code = Empty,
+        rpc.system = "grpc",
+        rpc.service = SERVICE,
+        rpc.method = method,
+        k8s.namespace.name = object.namespace.as_str(),
+        keda.scaled_object.name = object.name.as_str(),
+        error.type = Empty,
+    );
+    torchwire_telemetry::set_remote_parent(&span, &GrpcMetadata(metadata));
+    let result = call.instrument(span.clone()).await;
+    if let Err(e) = &result {
+        span.record("otel.status_code", "error");
+        span.record("error.type", tracing::field::debug(e.code()));
+    }
+    result
 }
 
 fn log_error(rpc: &str, object: &ScaledObjectRef, err: &ScalerError) {

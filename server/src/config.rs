@@ -13,6 +13,7 @@ use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
 
 use crate::error::ServerError;
+pub use torchwire_telemetry::LogFormat;
 
 /// Name and path of the model that ships with the repository, served when
 /// no model is configured.
@@ -90,6 +91,10 @@ pub struct Cli {
     /// Log format: text or json (config: log_format).
     #[arg(long)]
     pub log_format: Option<String>,
+    /// OTLP/gRPC collector to export spans to, e.g. http://otel-collector:4317
+    /// (config: otlp_endpoint; default: OTEL_EXPORTER_OTLP_ENDPOINT, else off).
+    #[arg(long, value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
     /// NATS server URL(s); turns the JetStream request path on (config: nats.url).
     #[arg(long, value_name = "URL")]
     pub nats_url: Option<String>,
@@ -120,6 +125,9 @@ pub struct Config {
     pub shutdown_grace_secs: u64,
     /// `text` or `json` log lines.
     pub log_format: LogFormat,
+    /// OTLP/gRPC collector spans are exported to; unset = the standard
+    /// `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`, else no export.
+    pub otlp_endpoint: Option<String>,
     /// The NATS JetStream request path; on when `nats.url` is set.
     pub nats: torchwire_nats::NatsConfig,
 }
@@ -133,17 +141,10 @@ impl Default for Config {
             threads: None,
             shutdown_grace_secs: 30,
             log_format: LogFormat::Text,
+            otlp_endpoint: None,
             nats: torchwire_nats::NatsConfig::default(),
         }
     }
-}
-
-/// Log line format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 /// One served model.
@@ -209,6 +210,12 @@ impl Config {
         figment = figment.merge(EnvVars::new(env));
         let mut config: Config = figment.extract().map_err(figment_error)?;
         config.apply_cli(cli)?;
+        config.otlp_endpoint = torchwire_telemetry::resolve_endpoint(
+            config.otlp_endpoint.as_deref(),
+            "otlp_endpoint",
+            env,
+        )
+        .map_err(|e| ServerError::config(e.key, e.message))?;
         config.validate()?;
         Ok(config)
     }
@@ -235,6 +242,9 @@ impl Config {
                     ))
                 }
             };
+        }
+        if let Some(url) = &cli.otlp_endpoint {
+            self.otlp_endpoint = Some(url.clone());
         }
         let nats = &mut self.nats;
         for (flag, value) in [
@@ -304,6 +314,10 @@ impl Config {
     /// Checks every value; the error names the offending key.
     pub fn validate(&self) -> Result<(), ServerError> {
         self.listen_addr()?;
+        if let Some(url) = &self.otlp_endpoint {
+            torchwire_telemetry::resolve_endpoint(Some(url), "otlp_endpoint", &[])
+                .map_err(|e| ServerError::config(e.key, e.message))?;
+        }
         if self.nats_enabled() {
             self.nats.validate().map_err(|e| match e {
                 torchwire_nats::NatsError::Config { key, message } => {
@@ -675,6 +689,55 @@ mod tests {
         assert!(!Config::load(&cli_with_model(ckpt.path()), &[])
             .unwrap()
             .nats_enabled());
+    }
+
+    #[test]
+    fn otlp_endpoint_precedence_is_file_env_flag_then_the_otel_variable() {
+        let ckpt = checkpoint();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), "otlp_endpoint = \"http://file:4317\"\n").unwrap();
+        let mut cli = cli_with_model(ckpt.path());
+        let endpoint = |cli: &Cli, pairs: &[(&str, &str)]| {
+            Config::load(cli, &env(pairs)).unwrap().otlp_endpoint
+        };
+        let otel = ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:4317");
+        assert_eq!(endpoint(&cli, &[]), None, "off by default");
+        assert_eq!(endpoint(&cli, &[otel]).as_deref(), Some("http://otel:4317"));
+        cli.config = Some(file.path().to_path_buf());
+        assert_eq!(endpoint(&cli, &[otel]).as_deref(), Some("http://file:4317"));
+        let torchwire = ("TORCHWIRE_OTLP_ENDPOINT", "http://env:4317");
+        assert_eq!(
+            endpoint(&cli, &[otel, torchwire]).as_deref(),
+            Some("http://env:4317")
+        );
+        cli.otlp_endpoint = Some("https://flag:4317".into());
+        assert_eq!(
+            endpoint(&cli, &[otel, torchwire]).as_deref(),
+            Some("https://flag:4317")
+        );
+        assert_eq!(
+            endpoint(&cli, &[torchwire, ("OTEL_SDK_DISABLED", "true")]),
+            None
+        );
+    }
+
+    #[test]
+    fn a_bad_otlp_endpoint_names_its_key() {
+        let ckpt = checkpoint();
+        let mut cli = cli_with_model(ckpt.path());
+        cli.otlp_endpoint = Some("collector:4317".into());
+        let err = Config::load(&cli, &[]).unwrap_err().to_string();
+        assert!(err.contains("otlp_endpoint"), "{err}");
+        let e = env(&[("TORCHWIRE_OTLP_ENDPOINT", "ftp://collector")]);
+        let err = Config::load(&cli_with_model(ckpt.path()), &e)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("otlp_endpoint"), "{err}");
+        let e = env(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317")]);
+        let err = Config::load(&cli_with_model(ckpt.path()), &e)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("OTEL_EXPORTER_OTLP_ENDPOINT"), "{err}");
     }
 
     #[test]

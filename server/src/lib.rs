@@ -8,4 +8,3 @@ pub mod engine;
 pub mod error;
 pub mod model;
 pub mod nats;
-pub mod telemetry;

@@ -1,10 +1,11 @@
-//! torchwire-server: parse config, start logging, serve until SIGTERM/SIGINT.
+//! torchwire-server: parse config, start logging and tracing, serve until
+//! SIGTERM/SIGINT, flush the last spans.
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use torchwire_server::config::{Cli, Config};
-use torchwire_server::{app, model, telemetry};
+use torchwire_server::{app, model};
 
 /// Exit status for a bad configuration (EX_USAGE), as linkerd does.
 const EXIT_CONFIG: u8 = 64;
@@ -19,7 +20,22 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    telemetry::init(config.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("torchwire-server: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The span exporter's gRPC channel runs on the runtime.
+    let telemetry = {
+        let _runtime = runtime.enter();
+        torchwire_telemetry::init(
+            "torchwire-server",
+            config.log_format,
+            config.otlp_endpoint.as_deref(),
+        )
+    };
     let cuda = model::load_cuda_runtime();
     if let Some(threads) = config.threads {
         tch::set_num_threads(threads as i32);
@@ -30,13 +46,6 @@ fn main() -> ExitCode {
         threads = tch::get_num_threads(),
         "starting"
     );
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("torchwire-server: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let code = match runtime.block_on(app::run(config, shutdown_signal())) {
         Ok(()) => 0,
         Err(e) => {
@@ -45,6 +54,9 @@ fn main() -> ExitCode {
             1
         }
     };
+    // _exit skips every destructor: the spans still batched go out now,
+    // within a bounded time, while the runtime their channel needs lives.
+    telemetry.shutdown();
     exit_now(code)
 }
 

@@ -11,9 +11,10 @@ use std::time::Duration;
 use futures::Stream;
 use tokio::sync::{mpsc, Notify};
 use torchwire_proto::v1 as pb;
+use tracing::Span;
 
 use super::models::Models;
-use super::validate;
+use super::{span, validate};
 use crate::engine::request::{Chunk, Event, Finish, FinishReason};
 use crate::error::ServerError;
 
@@ -45,28 +46,49 @@ impl Generator {
     }
 
     /// Validates and queues a request; the stream yields its responses.
-    pub fn generate(&self, req: &pb::GenerateRequest) -> Result<ResponseStream, ServerError> {
+    /// `span` (see [`span::request_span`]) covers the request until the
+    /// stream is dropped; a refusal is recorded on it at once.
+    pub fn generate(
+        &self,
+        req: &pb::GenerateRequest,
+        span: Span,
+    ) -> Result<ResponseStream, ServerError> {
+        match self.accept(req, &span) {
+            Ok(parts) => Ok(parts.into_stream(span, InFlightGuard::new(&self.in_flight))),
+            Err(e) => {
+                span::record_error(&span, &e);
+                Err(e)
+            }
+        }
+    }
+
+    fn accept(&self, req: &pb::GenerateRequest, span: &Span) -> Result<Accepted, ServerError> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(ServerError::ShuttingDown);
         }
-        let engine = self.models.get(&req.model)?;
         let request_id = if req.request_id.is_empty() {
             uuid::Uuid::new_v4().to_string()
         } else {
             req.request_id.clone()
         };
+        span.record("torchwire.request_id", request_id.as_str());
+        let engine = self.models.get(&req.model)?;
         let (tx, rx) = mpsc::unbounded_channel();
         let job = validate::job(req, &engine.info, &engine.tokenizer, request_id.clone(), tx)?;
-        // Prompts are user data: only at debug level.
+        // Prompts are user data: only at debug level, never on the span.
         tracing::debug!(request_id = %request_id, model = %engine.info.name, prompt = %req.prompt, prompt_tokens = job.prompt_ids.len(), "request accepted");
+        span::record_accepted(
+            span,
+            &request_id,
+            &engine.info.name,
+            job.prompt_ids.len(),
+            job.max_new_tokens,
+        );
         engine.submit(job)?;
-        self.in_flight.count.fetch_add(1, Ordering::SeqCst);
-        Ok(ResponseStream {
+        Ok(Accepted {
             events: rx,
             request_id,
             model: engine.info.name.clone(),
-            done: false,
-            _guard: InFlightGuard(self.in_flight.clone()),
         })
     }
 
@@ -97,7 +119,34 @@ impl Generator {
     }
 }
 
+/// A queued request, before its stream exists.
+struct Accepted {
+    events: mpsc::UnboundedReceiver<Event>,
+    request_id: String,
+    model: String,
+}
+
+impl Accepted {
+    fn into_stream(self, span: Span, guard: InFlightGuard) -> ResponseStream {
+        ResponseStream {
+            events: self.events,
+            request_id: self.request_id,
+            model: self.model,
+            done: false,
+            span,
+            _guard: guard,
+        }
+    }
+}
+
 struct InFlightGuard(Arc<InFlight>);
+
+impl InFlightGuard {
+    fn new(in_flight: &Arc<InFlight>) -> Self {
+        in_flight.count.fetch_add(1, Ordering::SeqCst);
+        Self(in_flight.clone())
+    }
+}
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
@@ -114,12 +163,23 @@ pub struct ResponseStream {
     request_id: String,
     model: String,
     done: bool,
+    /// Ends when the stream is dropped. Declared before the guard, so that
+    /// the span is ended (and queued for export) before shutdown's drain sees
+    /// this request gone and flushes.
+    span: Span,
     _guard: InFlightGuard,
 }
 
 impl ResponseStream {
     pub fn request_id(&self) -> &str {
         &self.request_id
+    }
+
+    /// Ends the stream with `err`, recorded on the span.
+    fn fail(&mut self, err: ServerError) -> ServerError {
+        self.done = true;
+        span::record_error(&self.span, &err);
+        err
     }
 
     fn message(&self, chunk: Chunk, finish: Option<Finish>) -> pb::GenerateResponse {
@@ -178,13 +238,10 @@ impl Stream for ResponseStream {
         let (mut chunk, mut finish) = match self.events.poll_recv(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(None) => {
-                self.done = true;
-                return Poll::Ready(Some(Err(ServerError::EngineStopped(self.model.clone()))));
+                let err = ServerError::EngineStopped(self.model.clone());
+                return Poll::Ready(Some(Err(self.fail(err))));
             }
-            Poll::Ready(Some(Event::Failed(e))) => {
-                self.done = true;
-                return Poll::Ready(Some(Err(e)));
-            }
+            Poll::Ready(Some(Event::Failed(e))) => return Poll::Ready(Some(Err(self.fail(e)))),
             Poll::Ready(Some(Event::Step { chunk, finish })) => (chunk, finish),
         };
         // Merge whatever else is ready into this message.
@@ -199,14 +256,22 @@ impl Stream for ResponseStream {
                     chunk.logprobs.extend(more.logprobs);
                     finish = f;
                 }
-                Ok(Event::Failed(e)) => {
-                    self.done = true;
-                    return Poll::Ready(Some(Err(e)));
-                }
+                Ok(Event::Failed(e)) => return Poll::Ready(Some(Err(self.fail(e)))),
                 Err(_) => break,
             }
         }
+        if let Some(f) = &finish {
+            span::record_finish(&self.span, f);
+        }
         self.done = finish.is_some();
         Poll::Ready(Some(Ok(self.message(chunk, finish))))
+    }
+}
+
+impl Drop for ResponseStream {
+    fn drop(&mut self) {
+        if !self.done {
+            span::record_cancelled(&self.span);
+        }
     }
 }

@@ -4,6 +4,7 @@
 pub mod generate;
 pub mod models;
 pub mod service;
+pub mod span;
 pub mod validate;
 
 pub use generate::{Generator, ResponseStream};

@@ -6,8 +6,10 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use torchwire_proto::v1 as pb;
 use torchwire_proto::v1::inference_server::Inference;
+use torchwire_telemetry::GrpcMetadata;
 
 use super::generate::Generator;
+use super::span::{request_span, Transport};
 use crate::engine::stats::Stats;
 use crate::error::ServerError;
 
@@ -33,7 +35,11 @@ impl Inference for InferenceService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
-        let stream = self.generator.generate(request.get_ref())?;
+        let span = request_span(
+            Transport::Grpc { method: "Generate" },
+            &GrpcMetadata(request.metadata()),
+        );
+        let stream = self.generator.generate(request.get_ref(), span)?;
         Ok(Response::new(Box::pin(
             stream.map(|item| item.map_err(Status::from)),
         )))
@@ -43,7 +49,11 @@ impl Inference for InferenceService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let mut stream = self.generator.generate(request.get_ref())?;
+        let span = request_span(
+            Transport::Grpc { method: "Complete" },
+            &GrpcMetadata(request.metadata()),
+        );
+        let mut stream = self.generator.generate(request.get_ref(), span)?;
         let mut whole = pb::GenerateResponse::default();
         while let Some(msg) = stream.next().await {
             let msg = msg?;

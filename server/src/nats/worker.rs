@@ -11,8 +11,10 @@ use torchwire_nats::async_nats::jetstream::{self, AckKind};
 use torchwire_nats::async_nats::{self, HeaderMap};
 use torchwire_nats::{codec, headers, Encoding};
 use torchwire_proto::v1 as pb;
+use torchwire_telemetry::opentelemetry::propagation::Extractor;
 
 use super::Phase;
+use crate::api::span::{self, request_span, Transport};
 use crate::api::Generator;
 use crate::error::ServerError;
 
@@ -52,6 +54,12 @@ impl Worker {
     }
 
     async fn handle(&mut self, msg: &jetstream::Message) -> Settle {
+        let span = request_span(
+            Transport::Nats {
+                subject: msg.subject.as_str(),
+            },
+            &NatsHeaders(msg.headers.as_ref()),
+        );
         let encoding = Encoding::from_headers(msg.headers.as_ref());
         let delivery = msg.info().map(|i| i.delivered).unwrap_or(1);
         let header = |name: &str| {
@@ -62,6 +70,8 @@ impl Worker {
         };
         let Some(reply_to) = header(headers::REPLY_TO).filter(|s| !s.is_empty()) else {
             tracing::warn!(subject = %msg.subject, "NATS: request without a {} header; terminated", headers::REPLY_TO);
+            let err = ServerError::invalid("message", format!("no {} header", headers::REPLY_TO));
+            span::record_error(&span, &err);
             return Settle::Term;
         };
         let header_id = header(headers::REQUEST_ID).unwrap_or_default();
@@ -78,6 +88,7 @@ impl Worker {
             Ok(r) => r,
             Err(e) => {
                 let err = ServerError::invalid("message", e.to_string());
+                span::record_error(&span, &err);
                 out.error(&err).await;
                 return Settle::Term;
             }
@@ -90,7 +101,7 @@ impl Worker {
         if delivery > 1 {
             tracing::info!(request_id = %request.request_id, delivery, "NATS: redelivered request");
         }
-        let mut stream = match self.generator.generate(&request) {
+        let mut stream = match self.generator.generate(&request, span) {
             Ok(s) => s,
             Err(e) => return out.refused(e).await,
         };
@@ -124,6 +135,30 @@ impl Worker {
                 }
             }
         }
+    }
+}
+
+/// NATS message headers as a trace-context carrier. Header names are
+/// matched case-insensitively: publishers spell `traceparent` either way.
+struct NatsHeaders<'a>(Option<&'a HeaderMap>);
+
+impl Extractor for NatsHeaders<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0?
+            .iter()
+            .find(|(name, _)| AsRef::<str>::as_ref(name).eq_ignore_ascii_case(key))
+            .and_then(|(_, values)| values.first())
+            .map(|v| v.as_str())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0
+            .map(|h| {
+                h.iter()
+                    .map(|(name, _)| AsRef::<str>::as_ref(name))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 }
 

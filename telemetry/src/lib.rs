@@ -1,0 +1,165 @@
+//! Logging and tracing shared by torchwire's server and scaler: log lines to
+//! stderr filtered by `RUST_LOG`, and, when a collector is configured, spans
+//! exported over OTLP/gRPC with W3C trace-context propagation.
+
+mod endpoint;
+mod propagation;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::Resource;
+use serde::{Deserialize, Serialize};
+use tracing_subscriber::filter::{EnvFilter, Targets};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
+
+pub use endpoint::{resolve_endpoint, EndpointError};
+pub use propagation::{set_remote_parent, GrpcMetadata};
+/// The OpenTelemetry crates this one is built against, re-exported so that
+/// users name the same types.
+pub use {opentelemetry, tracing_opentelemetry};
+
+/// How long shutdown waits for the last spans to reach the collector: a
+/// collector that is down must not hold the process up.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Only torchwire's own spans (and the events inside them) are exported: the
+/// exporter's transport (tonic, h2, hyper) must not trace its own exports.
+const EXPORTED_TARGETS: &str = "torchwire";
+
+/// Set once spans are exported; until then propagation does nothing.
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The installed telemetry; [`shutdown`](Telemetry::shutdown) it before the
+/// process exits, or the spans still batched are lost.
+#[must_use = "shut it down before exiting, or the last spans are lost"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+/// Installs the global subscriber: log lines in `format`, and span export to
+/// `otlp_endpoint` when set (a URL [`resolve_endpoint`] accepted). Call once,
+/// early in `main`, inside a Tokio runtime: the exporter's channel lives on it.
+///
+/// `service_name` is the `service.name` resource attribute unless
+/// `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES` names one. The SDK reads
+/// the other standard variables itself: `OTEL_TRACES_SAMPLER`(`_ARG`),
+/// `OTEL_BSP_*`, `OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT` and `_HEADERS`.
+pub fn init(
+    service_name: &'static str,
+    format: LogFormat,
+    otlp_endpoint: Option<&str>,
+) -> Telemetry {
+    let logs = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Json => fmt.json().with_filter(logs).boxed(),
+        LogFormat::Text => fmt.with_filter(logs).boxed(),
+    };
+    // A collector that cannot be set up costs the traces, never the service.
+    let built = otlp_endpoint.map(|url| tracer_provider(service_name, url));
+    let (provider, setup_error) = match built {
+        Some(Ok(provider)) => (Some(provider), None),
+        Some(Err(e)) => (None, Some(e)),
+        None => (None, None),
+    };
+    let spans = provider.as_ref().map(|p| {
+        let scope = opentelemetry::InstrumentationScope::builder(service_name)
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .build();
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer_with_scope(scope))
+            .with_filter(Targets::new().with_target(EXPORTED_TARGETS, tracing::Level::INFO))
+    });
+    tracing_subscriber::registry().with(fmt).with(spans).init();
+    if let Some(e) = setup_error {
+        tracing::error!(error = %e, "cannot set up the OTLP span exporter; spans are not exported");
+    }
+    if provider.is_some() {
+        opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+        EXPORTING.store(true, Ordering::Release);
+        tracing::info!(
+            endpoint = otlp_endpoint.unwrap_or_default(),
+            "exporting spans over OTLP/gRPC"
+        );
+    }
+    Telemetry { provider }
+}
+
+/// True once spans are being exported.
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Acquire)
+}
+
+fn tracer_provider(
+    service_name: &'static str,
+    endpoint: &str,
+) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint);
+    if endpoint.starts_with("https://") {
+        exporter =
+            exporter.with_tls_config(tonic::transport::ClientTlsConfig::new().with_enabled_roots());
+    }
+    // The SDK's default resource reads OTEL_SERVICE_NAME and
+    // OTEL_RESOURCE_ATTRIBUTES, and says `unknown_service` without them.
+    let detected = Resource::builder().build();
+    let named = detected
+        .get(&opentelemetry::Key::from_static_str("service.name"))
+        .is_some_and(|name| !name.as_str().starts_with("unknown_service"));
+    let resource = if named {
+        detected
+    } else {
+        Resource::builder().with_service_name(service_name).build()
+    };
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter.build()?)
+        .with_resource(resource)
+        .build())
+}
+
+impl Telemetry {
+    /// Exports the spans still batched and stops the exporter, waiting at
+    /// most [`FLUSH_TIMEOUT`]. Blocks: call it off the async runtime's
+    /// workers, while the runtime `init` ran in is still alive.
+    pub fn shutdown(self) {
+        let Some(provider) = self.provider else {
+            return;
+        };
+        EXPORTING.store(false, Ordering::Release);
+        if let Err(e) = provider.shutdown_with_timeout(FLUSH_TIMEOUT) {
+            tracing::warn!(error = %e, "the last spans may not have reached the collector");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn exporters_build_for_http_and_https_collectors() {
+        // Nothing listens there: building must not connect (a collector
+        // that is down at start-up must not stop the service).
+        for url in ["http://127.0.0.1:9", "https://collector.example:4317"] {
+            let provider =
+                tracer_provider("torchwire-test", url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            provider.shutdown_with_timeout(FLUSH_TIMEOUT).unwrap();
+        }
+    }
+}
