@@ -3,14 +3,12 @@
 //! command-line flags. Everything is checked before anything starts.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use figment::providers::{Format, Serialized, Toml};
-use figment::value::{Dict, Map, Value};
-use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
+use torchwire_config::EnvLayout;
 use torchwire_nats::{NatsConfig, NatsError};
 
 use crate::error::ScalerError;
@@ -19,24 +17,27 @@ pub use torchwire_telemetry::LogFormat;
 /// Config file read when `--config` is not given, if it exists.
 const DEFAULT_CONFIG_FILE: &str = "torchwire-scaler.toml";
 
-/// Prefix of the environment variables the scaler reads.
-const ENV_PREFIX: &str = "TORCHWIRE_SCALER_";
-
-/// Tables whose keys an environment variable reaches with a single
-/// underscore: `TORCHWIRE_SCALER_NATS_URL` → `nats.url`.
-const ENV_TABLES: &[&str] = &["nats", "tls"];
-
-/// Keys whose environment values are numbers or booleans; every other value
-/// stays a string (a token of digits is still a token).
-const ENV_TYPED_KEYS: &[&str] = &[
-    "refresh_interval_ms",
-    "stale_after_ms",
-    "idle_timeout_secs",
-    "heartbeat_secs",
-    "shutdown_grace_secs",
-    "nats.ack_wait_secs",
-    "nats.max_deliver",
-];
+/// How `TORCHWIRE_SCALER_*` variables map onto config keys:
+/// `TORCHWIRE_SCALER_LISTEN` → `listen`, `TORCHWIRE_SCALER_NATS_URL` →
+/// `nats.url`, `TORCHWIRE_SCALER_TLS_CLIENT_CA` → `tls.client_ca`;
+/// `TORCHWIRE_SCALER_ALLOWED_NATS_URLS` is a comma-separated list.
+const ENV: EnvLayout = EnvLayout {
+    prefix: "TORCHWIRE_SCALER_",
+    description: "TORCHWIRE_SCALER_* environment variables",
+    tables: &["nats", "tls"],
+    // Only these are parsed as numbers: a token of digits stays a token.
+    typed_keys: &[
+        "refresh_interval_ms",
+        "stale_after_ms",
+        "idle_timeout_secs",
+        "heartbeat_secs",
+        "shutdown_grace_secs",
+        "nats.ack_wait_secs",
+        "nats.max_deliver",
+    ],
+    list_keys: &["allowed_nats_urls"],
+    ignored: &[],
+};
 
 /// Command-line flags. Each overrides the config key of the same name.
 #[derive(Debug, Default, Parser)]
@@ -181,22 +182,8 @@ impl Config {
     /// Loads the configuration from every source, in precedence order, and
     /// validates it. `env` is the process environment (tests pass their own).
     pub fn load(cli: &Cli, env: &[(String, String)]) -> Result<Self, ScalerError> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        match &cli.config {
-            Some(path) if !path.exists() => {
-                return Err(ScalerError::config(
-                    "--config",
-                    format!("{} does not exist", path.display()),
-                ));
-            }
-            Some(path) => figment = figment.merge(Toml::file_exact(path)),
-            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
-                figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE))
-            }
-            None => {}
-        }
-        figment = figment.merge(EnvVars::new(env));
-        let mut config: Config = figment.extract().map_err(figment_error)?;
+        let mut config: Config =
+            torchwire_config::load(cli.config.as_deref(), DEFAULT_CONFIG_FILE, env, &ENV)?;
         config.apply_cli(cli)?;
         config.otlp_endpoint = torchwire_telemetry::resolve_endpoint(
             config.otlp_endpoint.as_deref(),
@@ -244,16 +231,9 @@ impl Config {
         set(&mut self.heartbeat_secs, &cli.heartbeat_secs);
         set_some(&mut self.otlp_endpoint, &cli.otlp_endpoint);
         if let Some(format) = &cli.log_format {
-            self.log_format = match format.as_str() {
-                "json" => LogFormat::Json,
-                "text" => LogFormat::Text,
-                other => {
-                    return Err(ScalerError::config(
-                        "--log-format",
-                        format!("expected text or json, got {other:?}"),
-                    ))
-                }
-            };
+            self.log_format = format
+                .parse()
+                .map_err(|message: String| ScalerError::config("--log-format", message))?;
         }
         Ok(())
     }
@@ -353,79 +333,6 @@ impl Config {
     pub fn stale_after(&self) -> Duration {
         Duration::from_millis(self.stale_after_ms)
     }
-}
-
-/// The `TORCHWIRE_SCALER_*` environment as a figment provider:
-/// `TORCHWIRE_SCALER_LISTEN` → `listen`, `TORCHWIRE_SCALER_NATS_URL` →
-/// `nats.url`, `TORCHWIRE_SCALER_TLS_CLIENT_CA` → `tls.client_ca`.
-/// `TORCHWIRE_SCALER_ALLOWED_NATS_URLS` is a comma-separated list.
-struct EnvVars(Dict);
-
-impl EnvVars {
-    fn new(env: &[(String, String)]) -> Self {
-        let mut dict = Dict::new();
-        for (name, value) in env {
-            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
-                continue;
-            };
-            let rest = rest.to_ascii_lowercase();
-            let key = match rest.split_once('_') {
-                Some((table, field)) if ENV_TABLES.contains(&table) => format!("{table}.{field}"),
-                _ => rest,
-            };
-            let value = if key == "allowed_nats_urls" {
-                Value::from(
-                    value
-                        .split(',')
-                        .map(|s| s.trim().to_string())
-                        .filter(|s| !s.is_empty())
-                        .collect::<Vec<_>>(),
-                )
-            } else if ENV_TYPED_KEYS.contains(&key.as_str()) {
-                value.parse().unwrap_or_else(|_| Value::from(value.clone()))
-            } else {
-                Value::from(value.clone())
-            };
-            match key.split_once('.') {
-                Some((table, field)) => {
-                    let entry = dict
-                        .entry(table.to_string())
-                        .or_insert_with(|| Value::from(Dict::new()));
-                    if let Value::Dict(_, inner) = entry {
-                        inner.insert(field.to_string(), value);
-                    }
-                }
-                None => {
-                    dict.insert(key, value);
-                }
-            }
-        }
-        Self(dict)
-    }
-}
-
-impl Provider for EnvVars {
-    fn metadata(&self) -> Metadata {
-        Metadata::named("TORCHWIRE_SCALER_* environment variables")
-    }
-
-    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
-        Ok(Profile::Default.collect(self.0.clone()))
-    }
-}
-
-fn figment_error(err: figment::Error) -> ScalerError {
-    let key = if err.path.is_empty() {
-        "(root)".to_string()
-    } else {
-        err.path.join(".")
-    };
-    let source = err
-        .metadata
-        .as_ref()
-        .map(|m| format!(" (from {})", m.name))
-        .unwrap_or_default();
-    ScalerError::config(key, format!("{}{source}", err.kind))
 }
 
 #[cfg(test)]

@@ -87,6 +87,15 @@ impl From<ScalerError> for Status {
     }
 }
 
+impl From<torchwire_config::ConfigError> for ScalerError {
+    fn from(e: torchwire_config::ConfigError) -> Self {
+        Self::Config {
+            key: e.key,
+            message: e.message,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,10 +7,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
-use figment::providers::{Format, Serialized, Toml};
-use figment::value::{Dict, Map, Value};
-use figment::{Figment, Metadata, Profile, Provider};
 use serde::{Deserialize, Serialize};
+use torchwire_config::EnvLayout;
 
 use crate::error::ServerError;
 pub use torchwire_telemetry::LogFormat;
@@ -22,24 +20,38 @@ pub const BUNDLED_MODEL: (&str, &str) = ("torchwire-tiny", "models/torchwire-tin
 /// Config file read when `--config` is not given, if it exists.
 const DEFAULT_CONFIG_FILE: &str = "torchwire.toml";
 
-/// Config keys whose environment values are numbers; every other value is
-/// taken as a string.
-const NUMERIC_KEYS: &[&str] = &[
-    "threads",
-    "shutdown_grace_secs",
-    "max_batch_size",
-    "max_prefill_tokens",
-    "max_context",
-    "kv_cache_mib",
-    "queue_size",
-    "default_max_new_tokens",
-    "ack_wait_secs",
-    "max_deliver",
-];
-
-/// `TORCHWIRE_*` variables that belong to other torchwire programs or to the
-/// toolchain scripts, not to the server.
-const FOREIGN_ENV_KEYS: &[&str] = &["cache", "venv", "addr", "test_model", "parity_model"];
+/// How `TORCHWIRE_*` variables map onto config keys: `TORCHWIRE_LISTEN` →
+/// `listen`, `TORCHWIRE_MODELS__TINY__PATH` → `models.tiny.path` (double
+/// underscores nest), `TORCHWIRE_NATS_URL` → `nats.url`.
+const ENV: EnvLayout = EnvLayout {
+    prefix: "TORCHWIRE_",
+    description: "TORCHWIRE_* environment variables",
+    tables: &["nats"],
+    // Only these are parsed as numbers: a password of digits or a model
+    // named "true" stays a string.
+    typed_keys: &[
+        "threads",
+        "shutdown_grace_secs",
+        "max_batch_size",
+        "max_prefill_tokens",
+        "max_context",
+        "kv_cache_mib",
+        "queue_size",
+        "default_max_new_tokens",
+        "ack_wait_secs",
+        "max_deliver",
+    ],
+    list_keys: &[],
+    // Other torchwire programs' variables and the toolchain scripts'.
+    ignored: &[
+        "cache",
+        "venv",
+        "addr",
+        "test_model",
+        "parity_model",
+        "scaler_",
+    ],
+};
 
 /// Command-line flags. Each overrides the config key of the same name.
 #[derive(Debug, Default, Parser)]
@@ -193,22 +205,8 @@ impl Config {
     /// Loads the configuration from every source, in precedence order, and
     /// validates it. `env` is the process environment (tests pass their own).
     pub fn load(cli: &Cli, env: &[(String, String)]) -> Result<Self, ServerError> {
-        let mut figment = Figment::from(Serialized::defaults(Config::default()));
-        match &cli.config {
-            Some(path) if !path.exists() => {
-                return Err(ServerError::config(
-                    "--config",
-                    format!("{} does not exist", path.display()),
-                ));
-            }
-            Some(path) => figment = figment.merge(Toml::file_exact(path)),
-            None if Path::new(DEFAULT_CONFIG_FILE).exists() => {
-                figment = figment.merge(Toml::file_exact(DEFAULT_CONFIG_FILE))
-            }
-            None => {}
-        }
-        figment = figment.merge(EnvVars::new(env));
-        let mut config: Config = figment.extract().map_err(figment_error)?;
+        let mut config: Config =
+            torchwire_config::load(cli.config.as_deref(), DEFAULT_CONFIG_FILE, env, &ENV)?;
         config.apply_cli(cli)?;
         config.otlp_endpoint = torchwire_telemetry::resolve_endpoint(
             config.otlp_endpoint.as_deref(),
@@ -232,16 +230,9 @@ impl Config {
             self.shutdown_grace_secs = grace;
         }
         if let Some(format) = &cli.log_format {
-            self.log_format = match format.as_str() {
-                "json" => LogFormat::Json,
-                "text" => LogFormat::Text,
-                other => {
-                    return Err(ServerError::config(
-                        "--log-format",
-                        format!("expected text or json, got {other:?}"),
-                    ))
-                }
-            };
+            self.log_format = format
+                .parse()
+                .map_err(|message: String| ServerError::config("--log-format", message))?;
         }
         if let Some(url) = &cli.otlp_endpoint {
             self.otlp_endpoint = Some(url.clone());
@@ -430,82 +421,6 @@ impl Config {
             .or_else(|| self.models.keys().next().cloned())
             .unwrap_or_default()
     }
-}
-
-/// The `TORCHWIRE_*` environment as a figment provider: `TORCHWIRE_LISTEN`
-/// → `listen`, `TORCHWIRE_MODELS__TINY__PATH` → `models.tiny.path` (double
-/// underscores nest). Values parse as numbers and booleans where they can.
-struct EnvVars(Dict);
-
-impl EnvVars {
-    fn new(env: &[(String, String)]) -> Self {
-        let mut dict = Dict::new();
-        for (key, value) in env {
-            let Some(rest) = key.strip_prefix("TORCHWIRE_") else {
-                continue;
-            };
-            let rest = rest.to_ascii_lowercase();
-            if FOREIGN_ENV_KEYS.contains(&rest.as_str()) || rest.starts_with("scaler_") {
-                continue;
-            }
-            // TORCHWIRE_NATS_URL -> nats.url, as the flag --nats-url.
-            let path: Vec<&str> = match rest.strip_prefix("nats_") {
-                Some(key) => vec!["nats", key],
-                None => rest.split("__").collect(),
-            };
-            // Only numeric keys are parsed as numbers: a password of "12345"
-            // or a model named "true" must stay a string.
-            let numeric = path.last().is_some_and(|k| NUMERIC_KEYS.contains(k));
-            let value = if numeric {
-                value.parse().unwrap_or_else(|_| Value::from(value.clone()))
-            } else {
-                Value::from(value.clone())
-            };
-            insert_nested(&mut dict, &path, value);
-        }
-        Self(dict)
-    }
-}
-
-impl Provider for EnvVars {
-    fn metadata(&self) -> Metadata {
-        Metadata::named("TORCHWIRE_* environment variables")
-    }
-
-    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
-        Ok(Profile::Default.collect(self.0.clone()))
-    }
-}
-
-fn insert_nested(dict: &mut Dict, path: &[&str], value: Value) {
-    match path {
-        [] => {}
-        [last] => {
-            dict.insert((*last).to_string(), value);
-        }
-        [head, tail @ ..] => {
-            let entry = dict
-                .entry((*head).to_string())
-                .or_insert_with(|| Value::from(Dict::new()));
-            if let Value::Dict(_, inner) = entry {
-                insert_nested(inner, tail, value);
-            }
-        }
-    }
-}
-
-fn figment_error(err: figment::Error) -> ServerError {
-    let key = if err.path.is_empty() {
-        "(root)".to_string()
-    } else {
-        err.path.join(".")
-    };
-    let source = err
-        .metadata
-        .as_ref()
-        .map(|m| format!(" (from {})", m.name))
-        .unwrap_or_default();
-    ServerError::config(key, format!("{}{source}", err.kind))
 }
 
 fn model_name_from_path(path: &Path) -> String {

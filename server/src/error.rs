@@ -73,6 +73,15 @@ impl From<ServerError> for Status {
     }
 }
 
+impl From<torchwire_config::ConfigError> for ServerError {
+    fn from(e: torchwire_config::ConfigError) -> Self {
+        Self::Config {
+            key: e.key,
+            message: e.message,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

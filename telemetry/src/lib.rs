@@ -44,6 +44,18 @@ pub enum LogFormat {
     Json,
 }
 
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!("expected text or json, got {other:?}")),
+        }
+    }
+}
+
 /// The installed telemetry; [`shutdown`](Telemetry::shutdown) it before the
 /// process exits, or the spans still batched are lost.
 #[must_use = "shut it down before exiting, or the last spans are lost"]
@@ -151,6 +163,14 @@ impl Telemetry {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_formats_parse_and_a_bad_one_says_what_is_expected() {
+        assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
+        assert_eq!("text".parse::<LogFormat>(), Ok(LogFormat::Text));
+        let err = "yaml".parse::<LogFormat>().unwrap_err();
+        assert!(err.contains("text or json") && err.contains("yaml"), "{err}");
+    }
 
     #[tokio::test]
     async fn exporters_build_for_http_and_https_collectors() {
