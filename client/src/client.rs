@@ -5,8 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use tonic::metadata::MetadataMap;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use tonic::Streaming;
+use tonic::{Request, Streaming};
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -16,7 +17,7 @@ use torchwire_proto::v1::{
     ListModelsResponse, TokenizeRequest, TokenizeResponse,
 };
 
-use crate::Error;
+use crate::{Error, Header};
 
 /// Where the CLI connects when neither `--addr` nor `TORCHWIRE_ADDR` is set.
 pub const DEFAULT_ADDR: &str = "http://127.0.0.1:50051";
@@ -79,6 +80,8 @@ fn read(path: &Path) -> Result<Vec<u8>, Error> {
 pub struct Client {
     inference: InferenceClient<Channel>,
     health: HealthClient<Channel>,
+    /// Sent with every call.
+    metadata: MetadataMap,
 }
 
 impl Client {
@@ -110,7 +113,25 @@ impl Client {
         Self {
             inference: InferenceClient::new(channel.clone()),
             health: HealthClient::new(channel),
+            metadata: MetadataMap::new(),
         }
+    }
+
+    /// Sends `headers` with every call from now on (a later one with the
+    /// same name replaces an earlier one).
+    pub fn with_headers(mut self, headers: &[Header]) -> Self {
+        for header in headers {
+            let (name, value) = header.metadata();
+            self.metadata.insert(name, value);
+        }
+        self
+    }
+
+    /// `message` with this client's metadata.
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        *request.metadata_mut() = self.metadata.clone();
+        request
     }
 
     /// Starts a generation; the stream yields one message per token (or
@@ -119,11 +140,13 @@ impl Client {
         &self,
         request: GenerateRequest,
     ) -> Result<Streaming<GenerateResponse>, Error> {
+        let request = self.request(request);
         Ok(self.inference.clone().generate(request).await?.into_inner())
     }
 
     /// Runs a generation to the end and returns it as one message.
     pub async fn complete(&self, request: GenerateRequest) -> Result<GenerateResponse, Error> {
+        let request = self.request(request);
         Ok(self.inference.clone().complete(request).await?.into_inner())
     }
 
@@ -132,7 +155,7 @@ impl Client {
         Ok(self
             .inference
             .clone()
-            .list_models(ListModelsRequest {})
+            .list_models(self.request(ListModelsRequest {}))
             .await?
             .into_inner())
     }
@@ -149,6 +172,7 @@ impl Client {
             text: text.to_string(),
             add_special_tokens,
         };
+        let request = self.request(request);
         Ok(self.inference.clone().tokenize(request).await?.into_inner())
     }
 
@@ -160,7 +184,7 @@ impl Client {
         Ok(self
             .inference
             .clone()
-            .get_stats(request)
+            .get_stats(self.request(request))
             .await?
             .into_inner())
     }
@@ -170,6 +194,7 @@ impl Client {
         let request = HealthCheckRequest {
             service: service.to_string(),
         };
+        let request = self.request(request);
         let response = self.health.clone().check(request).await?.into_inner();
         Ok(ServingStatus::try_from(response.status).unwrap_or(ServingStatus::Unknown))
     }

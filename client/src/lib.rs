@@ -5,7 +5,9 @@
 pub mod bench;
 mod client;
 mod error;
+mod header;
 
 pub use client::{Client, TlsOptions, DEFAULT_ADDR};
 pub use error::{code_name, Error};
+pub use header::Header;
 pub use torchwire_proto::v1 as proto;

@@ -456,6 +456,79 @@ async fn nats_requests_continue_the_publishers_trace() {
 }
 
 #[tokio::test]
+async fn the_cli_header_flag_joins_the_callers_trace_over_grpc_and_nats() {
+    let nats = NatsServer::start().unwrap();
+    let collector = Collector::start();
+    let nats_url = nats.url();
+    let server = traced_server(&collector, "100", &["--nats-url", nats_url.as_str()]).await;
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(torchwire_integration_tests::binary_path("torchwire"))
+            .args(["--addr", server.url().as_str()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let parent = format!("traceparent: {}", traceparent(TRACE_ID, PARENT_ID));
+    let options = ["--max-new-tokens", "4", "--ignore-eos"];
+    cli(&[
+        &[
+            "-H",
+            parent.as_str(),
+            "generate",
+            "--request-id",
+            "cli-grpc",
+        ][..],
+        &options[..],
+        &["Hello"][..],
+    ]
+    .concat());
+    cli(&[
+        &[
+            "--header",
+            parent.as_str(),
+            "publish",
+            "--request-id",
+            "cli-nats",
+        ][..],
+        &options[..],
+        &["--nats-url", nats_url.as_str(), "--timeout", "120", "Hello"][..],
+    ]
+    .concat());
+    for (id, kind) in [
+        ("cli-grpc", SpanKind::Server),
+        ("cli-nats", SpanKind::Consumer),
+    ] {
+        let span = collector.wait_for(id, generate_span(id)).await;
+        assert_eq!(span.trace_id(), TRACE_ID, "{id}: not in the caller's trace");
+        assert_eq!(span.parent_id(), PARENT_ID, "{id}");
+        assert_eq!(span.span.kind, kind as i32, "{id}");
+    }
+
+    // A header that cannot be sent is a usage error naming the flag.
+    let out = std::process::Command::new(torchwire_integration_tests::binary_path("torchwire"))
+        .args([
+            "--addr",
+            server.url().as_str(),
+            "-H",
+            "no separator",
+            "models",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--header") && err.contains("NAME: VALUE"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
 async fn a_bad_otlp_endpoint_exits_64_naming_the_key() {
     let run = |args: &[&str], env: &[(&str, &str)]| {
         let mut cmd = std::process::Command::new(torchwire_integration_tests::binary_path(

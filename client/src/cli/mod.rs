@@ -12,7 +12,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use tonic::Code;
-use torchwire_client::{code_name, Client, Error, TlsOptions, DEFAULT_ADDR};
+use torchwire_client::{code_name, Client, Error, Header, TlsOptions, DEFAULT_ADDR};
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -59,6 +59,15 @@ struct ConnectionArgs {
     /// Server name to verify the certificate against, if not the address's host.
     #[arg(long, global = true, value_name = "NAME")]
     tls_domain: Option<String>,
+    /// Metadata sent with every call, e.g. `-H 'traceparent: 00-...-01'`
+    /// (NATS message headers for `publish`); repeatable.
+    #[arg(
+        short = 'H',
+        long = "header",
+        global = true,
+        value_name = "NAME: VALUE"
+    )]
+    headers: Vec<Header>,
 }
 
 impl ConnectionArgs {
@@ -72,7 +81,9 @@ impl ConnectionArgs {
     }
 
     async fn connect(&self) -> Result<Client, Error> {
-        Client::connect(&self.addr, &self.tls()).await
+        Ok(Client::connect(&self.addr, &self.tls())
+            .await?
+            .with_headers(&self.headers))
     }
 }
 
@@ -107,7 +118,7 @@ impl Cli {
             Command::Health(args) => info::health(conn, args).await,
             Command::Stats(args) => info::stats(&conn.connect().await?, args).await,
             Command::Bench(args) => bench::run(&conn.connect().await?, &conn.addr, args).await,
-            Command::Publish(args) => publish::run(args).await,
+            Command::Publish(args) => publish::run(args, &conn.headers).await,
         }
     }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use futures::StreamExt;
 use torchwire_client::proto::GenerateResponse;
+use torchwire_client::Header;
 use torchwire_nats::async_nats::{self, jetstream};
 use torchwire_nats::{codec, headers, Encoding, NatsConfig};
 
@@ -54,7 +55,7 @@ pub struct PublishArgs {
     timeout: u64,
 }
 
-pub async fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(args: PublishArgs, extra_headers: &[Header]) -> anyhow::Result<ExitCode> {
     let prompt = super::text_or_stdin(args.request.prompt.clone())?;
     let request = args.request.request(prompt);
     let config = NatsConfig {
@@ -74,6 +75,9 @@ pub async fn run(args: PublishArgs) -> anyhow::Result<ExitCode> {
     client.flush().await?;
 
     let mut h = async_nats::HeaderMap::new();
+    for header in extra_headers {
+        h.insert(header.name(), header.value());
+    }
     h.insert(headers::REPLY_TO, inbox.as_str());
     h.insert(headers::CONTENT_TYPE, headers::PROTOBUF);
     if !request.request_id.is_empty() {
