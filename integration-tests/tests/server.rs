@@ -576,6 +576,51 @@ async fn streams_past_the_grace_period_end_with_unavailable_and_the_model_stops(
 }
 
 #[tokio::test]
+async fn a_long_prompt_is_read_in_chunks_between_decode_steps() {
+    // Chunks of 4 tokens: the long prompt takes dozens of steps, during
+    // which the two running streams go on and the short one finishes.
+    let chunked = Server::start(&["--max-prefill-tokens", "4"]).await.unwrap();
+    let plain = Server::start(&[]).await.unwrap();
+    let long_prompt = "The quick brown fox jumps over the lazy dog. ".repeat(12);
+    let requests = [
+        request("Once upon a time", 80),
+        request("A wise man once said", 16),
+        request(&long_prompt, 16),
+    ];
+
+    let mut c = client(&chunked).await;
+    let mut streams = Vec::new();
+    for req in &requests {
+        let mut stream = c.generate(req.clone()).await.unwrap().into_inner();
+        let first = stream.next().await.unwrap().unwrap();
+        streams.push((vec![first], stream));
+    }
+    let mut texts = Vec::new();
+    for (mut msgs, mut stream) in streams {
+        while let Some(m) = stream.next().await {
+            msgs.push(m.unwrap());
+        }
+        texts.push(text(&msgs));
+    }
+
+    // Greedy: each text is what the request gives alone, without chunks.
+    let mut p = client(&plain).await;
+    for (req, got) in requests.iter().zip(&texts) {
+        let alone = text(&collect(&mut p, req.clone()).await.unwrap());
+        assert_eq!(got, &alone, "prompt {:?}", &req.prompt[..20]);
+    }
+    let tokens = c
+        .tokenize(torchwire_proto::v1::TokenizeRequest {
+            text: long_prompt.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(tokens.token_ids.len() > 40, "the long prompt is not long");
+}
+
+#[tokio::test]
 async fn a_bad_config_fails_at_startup_naming_the_key() {
     let bin = torchwire_integration_tests::binary_path("torchwire-server");
     let out = std::process::Command::new(bin)

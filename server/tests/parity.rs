@@ -144,6 +144,25 @@ async fn logits_and_greedy_tokens_match_transformers() {
         case.prompt
     );
 
+    // The longest prompt in chunks of 3 tokens: the same last logits.
+    let longest = reference
+        .cases
+        .iter()
+        .max_by_key(|c| c.input_ids.len())
+        .unwrap();
+    assert!(longest.input_ids.len() > 6, "too short to chunk");
+    let mut last = None;
+    for (i, chunk) in longest.input_ids.chunks(3).enumerate() {
+        last = Some(model.prefill_chunk(chunk, &mut cache, 1, i * 3).unwrap());
+    }
+    let theirs = Tensor::from_slice(longest.logits.last().unwrap());
+    let diff = (last.unwrap() - &theirs).abs().max().double_value(&[]);
+    assert!(
+        diff < LOGIT_TOLERANCE,
+        "{:?} in chunks: max |logit diff| = {diff}",
+        longest.prompt
+    );
+
     // The prompts (of different lengths) as one right-padded batch: each
     // row is the logits of that prompt's last position.
     let prompts: Vec<&[u32]> = reference

@@ -59,24 +59,43 @@ impl KvCache {
     }
 
     /// Stores the keys and values of N prompts (`[N, kv_heads, T, head_dim]`)
-    /// at positions `0..T` of slots `first_slot..first_slot + N`.
+    /// at positions `start..start + T` of slots `first_slot..first_slot + N`.
     pub fn write_prompts(
         &mut self,
         layer: usize,
         first_slot: usize,
+        start: i64,
         k: &Tensor,
         v: &Tensor,
     ) -> Result<(), TchError> {
         let (n, t) = (k.size()[0], k.size()[2]);
         self.keys[layer]
             .f_narrow(0, first_slot as i64, n)?
-            .f_narrow(2, 0, t)?
+            .f_narrow(2, start, t)?
             .f_copy_(k)?;
         self.values[layer]
             .f_narrow(0, first_slot as i64, n)?
-            .f_narrow(2, 0, t)?
+            .f_narrow(2, start, t)?
             .f_copy_(v)?;
         Ok(())
+    }
+
+    /// Keys and values of positions `0..len` of one slot, `[1, kv_heads,
+    /// len, head_dim]` each (views).
+    pub fn slot_view(
+        &self,
+        layer: usize,
+        slot: usize,
+        len: i64,
+    ) -> Result<(Tensor, Tensor), TchError> {
+        Ok((
+            self.keys[layer]
+                .f_narrow(0, slot as i64, 1)?
+                .f_narrow(2, 0, len)?,
+            self.values[layer]
+                .f_narrow(0, slot as i64, 1)?
+                .f_narrow(2, 0, len)?,
+        ))
     }
 
     /// Stores one step's keys and values (`[B, kv_heads, 1, head_dim]`) at

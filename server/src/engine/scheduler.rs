@@ -1,8 +1,11 @@
 //! The model thread's loop: continuous batching. At every step waiting
 //! requests join the batch (their prompts run as batched prefills and their
 //! first tokens are sampled at once), requests whose client is gone leave it,
-//! and one decode step runs every running sequence together.
+//! and one decode step runs every running sequence together. A prompt longer
+//! than the prefill budget runs in chunks, one chunk a step, so the running
+//! streams keep getting tokens while it is read.
 
+use std::collections::VecDeque;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
@@ -51,9 +54,21 @@ pub(super) struct Scheduler {
     tokenizer: Arc<tokenizers::Tokenizer>,
     inbox: Inbox,
     stats: Arc<Stats>,
-    /// Padded prompt tokens one batched prefill may hold.
+    /// Padded prompt tokens one batched prefill (or one chunk) may hold.
     max_prefill_tokens: usize,
     running: Vec<Sequence>,
+    /// A long prompt being read in chunks; it owns slot `running.len()`.
+    chunked: Option<Chunked>,
+    /// Taken from the queue, waiting for the chunked prefill to finish.
+    pending: VecDeque<Job>,
+}
+
+/// A prompt read in chunks of `max_prefill_tokens`.
+struct Chunked {
+    job: Job,
+    /// Prompt tokens in the cache so far.
+    done: usize,
+    started: Instant,
 }
 
 impl Scheduler {
@@ -75,6 +90,8 @@ impl Scheduler {
             stats,
             max_prefill_tokens,
             running: Vec::new(),
+            chunked: None,
+            pending: VecDeque::new(),
         }
     }
 
@@ -83,10 +100,13 @@ impl Scheduler {
     pub fn run(mut self) {
         while self.admit() {
             self.drop_cancelled();
+            self.prefill_next_chunk();
             if !self.running.is_empty() {
                 self.decode_step();
             }
-            self.stats.running.store(self.running.len() as u32, Relaxed);
+            // Every admitted request: decoding, being read, or next in line.
+            let admitted = self.running.len() + self.pending.len() + self.chunked.iter().count();
+            self.stats.running.store(admitted as u32, Relaxed);
         }
         tracing::info!(model = %self.name, "model thread stopped");
     }
@@ -96,7 +116,8 @@ impl Scheduler {
     /// nothing is left to do.
     fn admit(&mut self) -> bool {
         let mut joining = Vec::new();
-        if self.running.is_empty() {
+        let idle = self.running.is_empty() && self.chunked.is_none() && self.pending.is_empty();
+        if idle {
             match self.inbox.jobs.blocking_recv() {
                 Some(Command::Generate(job)) => joining.push(job),
                 Some(Command::Stop) => {}
@@ -106,7 +127,16 @@ impl Scheduler {
         if self.inbox.stop.load(SeqCst) {
             return self.stop(joining);
         }
+        if self.chunked.is_some() {
+            // Slots are given out in order: the next wait for the long prompt.
+            self.pending.extend(joining);
+            return true;
+        }
         while self.running.len() + joining.len() < self.cache.max_batch() {
+            if let Some(job) = self.pending.pop_front() {
+                joining.push(job);
+                continue;
+            }
             match self.inbox.jobs.try_recv() {
                 Ok(Command::Generate(job)) => joining.push(job),
                 Ok(Command::Stop) => {}
@@ -120,8 +150,10 @@ impl Scheduler {
     /// Ends every request still here, running or queued, with UNAVAILABLE.
     fn stop(&mut self, joining: Vec<Job>) -> bool {
         let running = std::mem::take(&mut self.running).into_iter().map(|s| s.job);
+        let chunked = self.chunked.take().map(|c| c.job);
+        let pending = std::mem::take(&mut self.pending);
         let mut ended = 0;
-        for job in running.chain(joining) {
+        for job in running.chain(chunked).chain(pending).chain(joining) {
             let _ = job.events.send(Event::Failed(ServerError::ShuttingDown));
             ended += 1;
         }
@@ -137,6 +169,8 @@ impl Scheduler {
 
     /// Runs the prompts of joining jobs, shortest first, in batches of at
     /// most `max_prefill_tokens` padded tokens, and emits their first tokens.
+    /// The first prompt longer than that starts a chunked prefill; the jobs
+    /// after it wait.
     fn start(&mut self, mut jobs: Vec<Job>) {
         jobs.retain(|job| {
             let gone = job.events.is_closed();
@@ -147,6 +181,16 @@ impl Scheduler {
         });
         jobs.sort_by_key(|job| job.prompt_ids.len());
         while !jobs.is_empty() {
+            if jobs[0].prompt_ids.len() > self.max_prefill_tokens {
+                let job = jobs.remove(0);
+                self.chunked = Some(Chunked {
+                    job,
+                    done: 0,
+                    started: Instant::now(),
+                });
+                self.pending.extend(jobs);
+                return;
+            }
             let lengths = jobs.iter().map(|job| job.prompt_ids.len());
             let n = prefill_group_len(lengths, self.max_prefill_tokens);
             let group: Vec<Job> = jobs.drain(..n).collect();
@@ -175,23 +219,64 @@ impl Scheduler {
             }
         };
         let vocab = rows.len() / jobs.len();
-        let mut sampled = Vec::with_capacity(jobs.len());
-        for (job, row) in jobs.into_iter().zip(rows.chunks_mut(vocab)) {
-            let mut sampler = Sampler::new(job.params.clone());
-            sampled.push(sampler.sample(row, &job.prompt_ids));
-            self.running.push(Sequence {
-                sampler,
-                history: job.prompt_ids.clone(),
-                cached: job.prompt_ids.len(),
-                next: 0,
-                generated: 0,
-                text: TextStream::new(job.stops.clone()),
-                started,
-                first_token: None,
-                job,
-            });
-        }
+        let sampled = jobs
+            .into_iter()
+            .zip(rows.chunks_mut(vocab))
+            .map(|(job, row)| self.begin(job, row, started))
+            .collect();
         self.emit_from(first, sampled);
+    }
+
+    /// Reads the next chunk of the long prompt, if there is one; after the
+    /// last chunk the sequence joins the batch with its first token.
+    fn prefill_next_chunk(&mut self) {
+        let Some(mut chunked) = self.chunked.take() else {
+            return;
+        };
+        let slot = self.running.len();
+        let prompt = &chunked.job.prompt_ids;
+        let end = (chunked.done + self.max_prefill_tokens).min(prompt.len());
+        let logits = self.model.prefill_chunk(
+            &prompt[chunked.done..end],
+            &mut self.cache,
+            slot,
+            chunked.done,
+        );
+        let logits = match logits {
+            Ok(logits) => logits,
+            Err(e) => return self.fail(chunked.job, &e.to_string()),
+        };
+        chunked.done = end;
+        if end < prompt.len() {
+            self.chunked = Some(chunked);
+            return;
+        }
+        Stats::add(&self.stats.prefills, 1);
+        let mut row = match Vec::<f32>::try_from(&logits) {
+            Ok(row) => row,
+            Err(e) => return self.fail(chunked.job, &e.to_string()),
+        };
+        let sampled = self.begin(chunked.job, &mut row, chunked.started);
+        self.emit_from(slot, vec![sampled]);
+    }
+
+    /// Adds a job whose prompt is in the cache (at slot `running.len()`) to
+    /// the batch, and samples its first token from `row`.
+    fn begin(&mut self, job: Job, row: &mut [f32], started: Instant) -> Sampled {
+        let mut sampler = Sampler::new(job.params.clone());
+        let sampled = sampler.sample(row, &job.prompt_ids);
+        self.running.push(Sequence {
+            sampler,
+            history: job.prompt_ids.clone(),
+            cached: job.prompt_ids.len(),
+            next: 0,
+            generated: 0,
+            text: TextStream::new(job.stops.clone()),
+            started,
+            first_token: None,
+            job,
+        });
+        sampled
     }
 
     /// One decode step over the whole batch.
@@ -206,9 +291,13 @@ impl Scheduler {
         let sampled = match sampled {
             Ok(s) => s,
             Err(e) => {
+                // The chunked prompt's slot follows the batch: it goes too.
                 let message = e.to_string();
                 for seq in std::mem::take(&mut self.running) {
                     self.fail(seq.job, &message);
+                }
+                if let Some(chunked) = self.chunked.take() {
+                    self.fail(chunked.job, &message);
                 }
                 return;
             }
@@ -342,17 +431,37 @@ impl Scheduler {
                 self.remove(i);
             }
         }
+        if self
+            .chunked
+            .as_ref()
+            .is_some_and(|c| c.job.events.is_closed())
+        {
+            if let Some(chunked) = self.chunked.take() {
+                self.log_cancel(&chunked.job, 0);
+            }
+        }
     }
 
-    /// Takes sequence `i` out of the batch; the last sequence moves into its slot.
+    /// Takes sequence `i` out of the batch; the last sequence moves into its
+    /// slot, and a chunked prompt after the batch moves down one.
     fn remove(&mut self, i: usize) {
         let last = self.running.len() - 1;
         self.running.swap_remove(i);
+        let mut moved = Ok(());
         if i != last {
-            let cached = self.running[i].cached;
-            if let Err(e) = self.cache.move_slot(last, i, cached) {
-                let seq = self.running.swap_remove(i);
-                self.fail(seq.job, &e.to_string());
+            moved = self.cache.move_slot(last, i, self.running[i].cached);
+        }
+        if let (Ok(()), Some(chunked)) = (&moved, &self.chunked) {
+            moved = self.cache.move_slot(last + 1, last, chunked.done);
+        }
+        if let Err(e) = moved {
+            // The cache no longer matches the slots: nothing here can go on.
+            let message = e.to_string();
+            for seq in std::mem::take(&mut self.running) {
+                self.fail(seq.job, &message);
+            }
+            if let Some(chunked) = self.chunked.take() {
+                self.fail(chunked.job, &message);
             }
         }
     }

@@ -199,6 +199,62 @@ impl Llama {
         }
     }
 
+    /// Runs `tokens`, the part of a prompt at positions `start..`, for the
+    /// sequence in `slot` whose positions `0..start` are in the cache already
+    /// (chunked prefill). Returns the float32 logits of the last position,
+    /// `[vocab]`.
+    pub fn prefill_chunk(
+        &self,
+        tokens: &[u32],
+        cache: &mut KvCache,
+        slot: usize,
+        start: usize,
+    ) -> Result<Tensor, TchError> {
+        if start == 0 {
+            return self.prefill(tokens, cache, slot, false);
+        }
+        let _guard = tch::no_grad_guard();
+        let (t, start) = (tokens.len() as i64, start as i64);
+        let seen = start + t;
+        let ids = ids_tensor(tokens, self.device)?;
+        let cos = self
+            .rope
+            .cos
+            .f_narrow(0, start, t)?
+            .f_view([1, t, 1, self.head_dim])?;
+        let sin = self
+            .rope
+            .sin
+            .f_narrow(0, start, t)?
+            .f_view([1, t, 1, self.head_dim])?;
+        // Token i (position start + i) sees positions 0..=start + i.
+        let visible = Tensor::f_arange(seen, (Kind::Int64, self.device))?
+            .f_view([1, seen])?
+            .f_le_tensor(
+                &Tensor::f_arange_start(start, seen, (Kind::Int64, self.device))?.f_view([t, 1])?,
+            )?;
+        let mut h = Tensor::f_embedding(&self.embed, &ids, -1, false, false)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (q, k, v) = self.attention_inputs(layer, &h, 1, t, &cos, &sin)?;
+            cache.write_prompts(i, slot, start, &k, &v)?;
+            let (keys, values) = cache.slot_view(i, slot, seen)?;
+            let attn = Tensor::f_scaled_dot_product_attention(
+                &q,
+                &keys,
+                &values,
+                Some(&visible),
+                0.0,
+                false,
+                1.0,
+                true,
+            )?
+            .f_transpose(1, 2)?
+            .f_reshape([t, self.heads * self.head_dim])?;
+            h = self.finish_layer(layer, h, &attn)?;
+        }
+        self.logits(&h.f_narrow(0, t - 1, 1)?)?.f_squeeze_dim(0)
+    }
+
     /// Runs several prompts as one batch, prompt `i` into cache slot
     /// `first_slot + i`. Returns the float32 logits of each prompt's last
     /// position, `[N, vocab]`.
@@ -252,7 +308,7 @@ impl Llama {
         let mut h = Tensor::f_embedding(&self.embed, &ids, -1, false, false)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let (q, k, v) = self.attention_inputs(layer, &h, n, t, &cos, &sin)?;
-            cache.write_prompts(i, first_slot, &k, &v)?;
+            cache.write_prompts(i, first_slot, 0, &k, &v)?;
             // A fresh prompt attends only to itself: plain causal attention
             // (q carries the scale already).
             let attn = Tensor::f_scaled_dot_product_attention::<Tensor>(
