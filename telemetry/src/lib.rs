@@ -169,7 +169,10 @@ mod tests {
         assert_eq!("json".parse::<LogFormat>(), Ok(LogFormat::Json));
         assert_eq!("text".parse::<LogFormat>(), Ok(LogFormat::Text));
         let err = "yaml".parse::<LogFormat>().unwrap_err();
-        assert!(err.contains("text or json") && err.contains("yaml"), "{err}");
+        assert!(
+            err.contains("text or json") && err.contains("yaml"),
+            "{err}"
+        );
     }
 
     #[tokio::test]
