@@ -332,6 +332,40 @@ async fn grpc_requests_are_counted_timed_and_the_engine_is_observed() {
 }
 
 #[tokio::test]
+async fn a_stream_dropped_by_its_client_counts_as_cancelled() {
+    let collector = Collector::start();
+    let server = metered_server(&collector, "200").await;
+    let mut client = InferenceClient::new(server.channel().await.unwrap());
+    let mut stream = client
+        .generate(request("dropped-1", 240))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    drop(stream);
+    let cancelled = [
+        ("gen_ai.request.model", first.model.as_str()),
+        ("torchwire.transport", "grpc"),
+        ("torchwire.outcome", "cancelled"),
+    ];
+    collector
+        .wait_until("the dropped stream counted as cancelled", |c| {
+            c.total("torchwire.requests", &cancelled) == 1.0
+        })
+        .await;
+    assert_eq!(
+        collector.count("gen_ai.server.request.duration", &cancelled),
+        1
+    );
+    assert!(
+        collector
+            .series("torchwire.requests", &[("torchwire.outcome", "length")])
+            .is_empty(),
+        "the dropped request ran to the end"
+    );
+}
+
+#[tokio::test]
 async fn metrics_recorded_just_before_sigterm_are_flushed() {
     let collector = Collector::start();
     // Ten minutes between exports: only the flush at shutdown can send it.
