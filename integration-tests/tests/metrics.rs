@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream;
 use futures::StreamExt;
 use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
     MetricsService, MetricsServiceServer,
@@ -21,7 +22,8 @@ use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use opentelemetry_proto::tonic::metrics::v1::number_data_point;
 use tonic::transport::server::TcpIncoming;
-use torchwire_integration_tests::Server;
+use torchwire_integration_tests::{NatsServer, Server};
+use torchwire_nats::{codec, headers, Encoding, NatsConfig};
 use torchwire_proto::v1::inference_client::InferenceClient;
 use torchwire_proto::v1::{GenerateRequest, GenerateResponse};
 
@@ -217,9 +219,15 @@ impl Drop for Collector {
 
 /// A server exporting metrics to `collector` every `interval_ms`.
 async fn metered_server(collector: &Collector, interval_ms: &str) -> Server {
+    metered_server_with(collector, interval_ms, &[]).await
+}
+
+async fn metered_server_with(collector: &Collector, interval_ms: &str, extra: &[&str]) -> Server {
     let url = collector.url();
+    let mut flags = vec!["--otlp-endpoint", url.as_str()];
+    flags.extend_from_slice(extra);
     Server::start_with_env(
-        &Server::default_args(&["--otlp-endpoint", url.as_str()]),
+        &Server::default_args(&flags),
         &[("OTEL_METRIC_EXPORT_INTERVAL", interval_ms)],
     )
     .await
@@ -329,6 +337,85 @@ async fn grpc_requests_are_counted_timed_and_the_engine_is_observed() {
     );
     let services = collector.store.0.lock().unwrap().services.clone();
     assert_eq!(services, vec!["torchwire-server".to_string()]);
+}
+
+#[tokio::test]
+async fn nats_requests_are_counted_with_their_transport() {
+    let nats = NatsServer::start().unwrap();
+    let cfg = NatsConfig {
+        url: Some(nats.url()),
+        ..NatsConfig::default()
+    };
+    let client = async_nats::connect(nats.url()).await.unwrap();
+    let js = jetstream::new(client.clone());
+    torchwire_nats::ensure_work_queue(&js, &cfg).await.unwrap();
+    let mut replies = client.subscribe("replies.metered").await.unwrap();
+    client.flush().await.unwrap();
+
+    let collector = Collector::start();
+    let nats_url = nats.url();
+    let _server = metered_server_with(&collector, "200", &["--nats-url", nats_url.as_str()]).await;
+
+    let body = codec::encode_request(&request("nats-1", 5), Encoding::Protobuf);
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::REPLY_TO, "replies.metered");
+    h.insert(headers::CONTENT_TYPE, Encoding::Protobuf.content_type());
+    js.publish_with_headers(cfg.subject.clone(), h, body.clone())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    // No reply subject: refused before its model is known.
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(headers::CONTENT_TYPE, Encoding::Protobuf.content_type());
+    js.publish_with_headers(cfg.subject.clone(), h, body)
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let model = loop {
+        let msg = tokio::time::timeout_at(deadline, replies.next())
+            .await
+            .expect("no final reply in time")
+            .unwrap();
+        let response = codec::decode_response(&msg.payload, Encoding::Protobuf).unwrap();
+        assert!(response.error.is_none(), "{:?}", response.error);
+        let last = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::FINAL))
+            .is_some_and(|v| v.as_str() == headers::TRUE);
+        if last {
+            break response.model;
+        }
+    };
+    let m = model.as_str();
+    let ok = [
+        ("gen_ai.request.model", m),
+        ("torchwire.transport", "nats"),
+        ("torchwire.outcome", "length"),
+    ];
+    let refused = [
+        ("torchwire.transport", "nats"),
+        ("torchwire.outcome", "error"),
+        ("error.type", "InvalidArgument"),
+    ];
+    collector
+        .wait_until("both NATS messages counted", |c| {
+            c.total("torchwire.requests", &ok) == 1.0
+                && c.total("torchwire.requests", &refused) == 1.0
+        })
+        .await;
+    let output = [("gen_ai.request.model", m), ("gen_ai.token.type", "output")];
+    assert_eq!(collector.total("torchwire.tokens", &output), 5.0);
+    for (attrs, _) in collector.series("torchwire.requests", &refused) {
+        assert!(
+            attrs.iter().all(|(k, _)| k != "gen_ai.request.model"),
+            "{attrs:?}"
+        );
+    }
 }
 
 #[tokio::test]
