@@ -12,7 +12,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use torchwire_proto::v1::inference_server::{Inference, InferenceServer};
 
-use crate::api::{Generator, InferenceService, Models};
+use crate::api::{metrics, Generator, InferenceService, Models};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::ServerError;
@@ -60,7 +60,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
 
     tokio::pin!(shutdown);
     let generator = tokio::select! {
-        loaded = load_models(&config) => Generator::new(Arc::new(loaded?)),
+        loaded = load_models(&config) => {
+            let models = Arc::new(loaded?);
+            metrics::observe_engines(&models);
+            Generator::new(models)
+        }
         () = &mut shutdown => {
             tracing::info!("shutdown requested while loading");
             return Ok(());

@@ -1,15 +1,17 @@
-//! Logging and tracing shared by torchwire's server and scaler: log lines to
-//! stderr filtered by `RUST_LOG`, and, when a collector is configured, spans
-//! exported over OTLP/gRPC with W3C trace-context propagation.
+//! Logging, tracing and metrics shared by torchwire's server and scaler: log
+//! lines to stderr filtered by `RUST_LOG`, and, when a collector is
+//! configured, spans (with W3C trace-context propagation) and metrics
+//! exported over OTLP/gRPC.
 
 mod endpoint;
 mod propagation;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{WithExportConfig, WithTonicConfig};
+use opentelemetry_sdk::metrics::{PeriodicReader, SdkMeterProvider};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
@@ -25,8 +27,8 @@ pub use propagation::{set_remote_parent, GrpcMetadata};
 /// users name the same types.
 pub use {opentelemetry, tracing_opentelemetry};
 
-/// How long shutdown waits for the last spans to reach the collector: a
-/// collector that is down must not hold the process up.
+/// How long shutdown waits for the last spans and metrics to reach the
+/// collector: a collector that is down must not hold the process up.
 pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Only torchwire's own spans (and the events inside them) are exported: the
@@ -57,20 +59,25 @@ impl std::str::FromStr for LogFormat {
 }
 
 /// The installed telemetry; [`shutdown`](Telemetry::shutdown) it before the
-/// process exits, or the spans still batched are lost.
-#[must_use = "shut it down before exiting, or the last spans are lost"]
+/// process exits, or the spans still batched and the metrics recorded since
+/// the last export are lost.
+#[must_use = "shut it down before exiting, or the last spans and metrics are lost"]
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    meters: Option<SdkMeterProvider>,
 }
 
-/// Installs the global subscriber: log lines in `format`, and span export to
-/// `otlp_endpoint` when set (a URL [`resolve_endpoint`] accepted). Call once,
-/// early in `main`, inside a Tokio runtime: the exporter's channel lives on it.
+/// Installs the global subscriber: log lines in `format`, and span and metric
+/// export to `otlp_endpoint` when set (a URL [`resolve_endpoint`] accepted).
+/// Call once, early in `main`, inside a Tokio runtime: the exporters'
+/// channels live on it. Without an endpoint the global meter provider stays
+/// the no-op one, so instruments cost next to nothing.
 ///
 /// `service_name` is the `service.name` resource attribute unless
 /// `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES` names one. The SDK reads
 /// the other standard variables itself: `OTEL_TRACES_SAMPLER`(`_ARG`),
-/// `OTEL_BSP_*`, `OTEL_EXPORTER_OTLP_(TRACES_)TIMEOUT` and `_HEADERS`.
+/// `OTEL_BSP_*`, `OTEL_METRIC_EXPORT_INTERVAL` (ms, default 60 s),
+/// `OTEL_EXPORTER_OTLP_(TRACES_|METRICS_)TIMEOUT` and `_HEADERS`.
 pub fn init(
     service_name: &'static str,
     format: LogFormat,
@@ -109,7 +116,18 @@ pub fn init(
             "exporting spans over OTLP/gRPC"
         );
     }
-    Telemetry { provider }
+    let meters = otlp_endpoint.and_then(|url| match meter_provider(service_name, url) {
+        Ok(meters) => {
+            opentelemetry::global::set_meter_provider(meters.clone());
+            tracing::info!(endpoint = url, "exporting metrics over OTLP/gRPC");
+            Some(meters)
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot set up the OTLP metric exporter; metrics are not exported");
+            None
+        }
+    });
+    Telemetry { provider, meters }
 }
 
 /// True once spans are being exported.
@@ -128,34 +146,88 @@ fn tracer_provider(
         exporter =
             exporter.with_tls_config(tonic::transport::ClientTlsConfig::new().with_enabled_roots());
     }
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter.build()?)
+        .with_resource(resource(service_name))
+        .build())
+}
+
+/// Cumulative metrics, collected and exported every
+/// `OTEL_METRIC_EXPORT_INTERVAL` by the reader's own thread.
+fn meter_provider(
+    service_name: &'static str,
+    endpoint: &str,
+) -> Result<SdkMeterProvider, opentelemetry_otlp::ExporterBuildError> {
+    let mut exporter = opentelemetry_otlp::MetricExporter::builder()
+        .with_tonic()
+        .with_endpoint(endpoint);
+    if endpoint.starts_with("https://") {
+        exporter =
+            exporter.with_tls_config(tonic::transport::ClientTlsConfig::new().with_enabled_roots());
+    }
+    // The builder reads OTEL_METRIC_EXPORT_INTERVAL (default 60 s).
+    let reader = PeriodicReader::builder(exporter.build()?).build();
+    Ok(SdkMeterProvider::builder()
+        .with_reader(reader)
+        .with_resource(resource(service_name))
+        .build())
+}
+
+/// `service.name` is `service_name` unless the environment names one.
+fn resource(service_name: &'static str) -> Resource {
     // The SDK's default resource reads OTEL_SERVICE_NAME and
     // OTEL_RESOURCE_ATTRIBUTES, and says `unknown_service` without them.
     let detected = Resource::builder().build();
     let named = detected
         .get(&opentelemetry::Key::from_static_str("service.name"))
         .is_some_and(|name| !name.as_str().starts_with("unknown_service"));
-    let resource = if named {
+    if named {
         detected
     } else {
         Resource::builder().with_service_name(service_name).build()
-    };
-    Ok(SdkTracerProvider::builder()
-        .with_batch_exporter(exporter.build()?)
-        .with_resource(resource)
-        .build())
+    }
 }
 
 impl Telemetry {
-    /// Exports the spans still batched and stops the exporter, waiting at
-    /// most [`FLUSH_TIMEOUT`]. Blocks: call it off the async runtime's
-    /// workers, while the runtime `init` ran in is still alive.
+    /// Exports the spans still batched and the metrics recorded since the
+    /// last export, and stops the exporters, waiting at most
+    /// [`FLUSH_TIMEOUT`] for both together. Blocks: call it off the async
+    /// runtime's workers, while the runtime `init` ran in is still alive.
     pub fn shutdown(self) {
-        let Some(provider) = self.provider else {
+        let deadline = Instant::now() + FLUSH_TIMEOUT;
+        // The SDK's meter provider ignores the timeout it is given (its
+        // reader waits up to 5 s of its own): it flushes on a thread of its
+        // own, beside the spans, and is waited for only until the deadline.
+        let metrics = self.meters.map(|meters| {
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            let flush = std::thread::Builder::new()
+                .name("otel-metrics-flush".into())
+                .spawn(move || {
+                    let _ = done_tx.send(meters.shutdown());
+                });
+            if let Err(e) = flush {
+                tracing::warn!(error = %e, "cannot flush the last metrics");
+            }
+            done_rx
+        });
+        if let Some(provider) = self.provider {
+            EXPORTING.store(false, Ordering::Release);
+            if let Err(e) = provider.shutdown_with_timeout(FLUSH_TIMEOUT) {
+                tracing::warn!(error = %e, "the last spans may not have reached the collector");
+            }
+        }
+        let Some(metrics) = metrics else {
             return;
         };
-        EXPORTING.store(false, Ordering::Release);
-        if let Err(e) = provider.shutdown_with_timeout(FLUSH_TIMEOUT) {
-            tracing::warn!(error = %e, "the last spans may not have reached the collector");
+        let left = deadline.saturating_duration_since(Instant::now());
+        match metrics.recv_timeout(left) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "the last metrics may not have reached the collector");
+            }
+            Err(_) => {
+                tracing::warn!("the last metrics did not reach the collector in time");
+            }
         }
     }
 }
@@ -183,6 +255,21 @@ mod tests {
             let provider =
                 tracer_provider("torchwire-test", url).unwrap_or_else(|e| panic!("{url}: {e}"));
             provider.shutdown_with_timeout(FLUSH_TIMEOUT).unwrap();
+            let meters =
+                meter_provider("torchwire-test", url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            // Nothing was recorded: nothing to send, nothing to wait for.
+            meters.shutdown().unwrap();
         }
+    }
+
+    #[test]
+    fn without_an_endpoint_shutdown_returns_at_once() {
+        let telemetry = Telemetry {
+            provider: None,
+            meters: None,
+        };
+        let started = Instant::now();
+        telemetry.shutdown();
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 }

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, Notify};
 use torchwire_proto::v1 as pb;
 use tracing::Span;
 
+use super::metrics::RequestMetrics;
 use super::models::Models;
 use super::{span, validate};
 use crate::engine::request::{Chunk, Event, Finish, FinishReason};
@@ -47,22 +48,30 @@ impl Generator {
 
     /// Validates and queues a request; the stream yields its responses.
     /// `span` (see [`span::request_span`]) covers the request until the
-    /// stream is dropped; a refusal is recorded on it at once.
+    /// stream is dropped, and `metrics` are recorded when it ends; a refusal
+    /// is recorded on both at once.
     pub fn generate(
         &self,
         req: &pb::GenerateRequest,
         span: Span,
+        mut metrics: RequestMetrics,
     ) -> Result<ResponseStream, ServerError> {
-        match self.accept(req, &span) {
-            Ok(parts) => Ok(parts.into_stream(span, InFlightGuard::new(&self.in_flight))),
+        match self.accept(req, &span, &mut metrics) {
+            Ok(parts) => Ok(parts.into_stream(span, metrics, InFlightGuard::new(&self.in_flight))),
             Err(e) => {
                 span::record_error(&span, &e);
+                metrics.failed(&e);
                 Err(e)
             }
         }
     }
 
-    fn accept(&self, req: &pb::GenerateRequest, span: &Span) -> Result<Accepted, ServerError> {
+    fn accept(
+        &self,
+        req: &pb::GenerateRequest,
+        span: &Span,
+        metrics: &mut RequestMetrics,
+    ) -> Result<Accepted, ServerError> {
         if self.draining.load(Ordering::SeqCst) {
             return Err(ServerError::ShuttingDown);
         }
@@ -73,6 +82,7 @@ impl Generator {
         };
         span.record("torchwire.request_id", request_id.as_str());
         let engine = self.models.get(&req.model)?;
+        metrics.model(&engine.info.name);
         let (tx, rx) = mpsc::unbounded_channel();
         let job = validate::job(req, &engine.info, &engine.tokenizer, request_id.clone(), tx)?;
         // Prompts are user data: only at debug level, never on the span.
@@ -84,7 +94,9 @@ impl Generator {
             job.prompt_ids.len(),
             job.max_new_tokens,
         );
+        let prompt_tokens = job.prompt_ids.len();
         engine.submit(job)?;
+        metrics.accepted(prompt_tokens);
         Ok(Accepted {
             events: rx,
             request_id,
@@ -127,13 +139,19 @@ struct Accepted {
 }
 
 impl Accepted {
-    fn into_stream(self, span: Span, guard: InFlightGuard) -> ResponseStream {
+    fn into_stream(
+        self,
+        span: Span,
+        metrics: RequestMetrics,
+        guard: InFlightGuard,
+    ) -> ResponseStream {
         ResponseStream {
             events: self.events,
             request_id: self.request_id,
             model: self.model,
             done: false,
             span,
+            metrics,
             _guard: guard,
         }
     }
@@ -167,6 +185,8 @@ pub struct ResponseStream {
     /// the span is ended (and queued for export) before shutdown's drain sees
     /// this request gone and flushes.
     span: Span,
+    /// Recorded once, when the request ends (on drop, if it had not).
+    metrics: RequestMetrics,
     _guard: InFlightGuard,
 }
 
@@ -179,6 +199,7 @@ impl ResponseStream {
     fn fail(&mut self, err: ServerError) -> ServerError {
         self.done = true;
         span::record_error(&self.span, &err);
+        self.metrics.failed(&err);
         err
     }
 
@@ -260,8 +281,10 @@ impl Stream for ResponseStream {
                 Err(_) => break,
             }
         }
+        self.metrics.streamed(chunk.token_ids.len());
         if let Some(f) = &finish {
             span::record_finish(&self.span, f);
+            self.metrics.finished(f);
         }
         self.done = finish.is_some();
         Poll::Ready(Some(Ok(self.message(chunk, finish))))
@@ -272,6 +295,7 @@ impl Drop for ResponseStream {
     fn drop(&mut self) {
         if !self.done {
             span::record_cancelled(&self.span);
+            self.metrics.cancelled();
         }
     }
 }

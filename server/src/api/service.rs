@@ -9,6 +9,7 @@ use torchwire_proto::v1::inference_server::Inference;
 use torchwire_telemetry::GrpcMetadata;
 
 use super::generate::Generator;
+use super::metrics::RequestMetrics;
 use super::span::{request_span, Transport};
 use crate::engine::stats::Stats;
 use crate::error::ServerError;
@@ -35,11 +36,10 @@ impl Inference for InferenceService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
-        let span = request_span(
-            Transport::Grpc { method: "Generate" },
-            &GrpcMetadata(request.metadata()),
-        );
-        let stream = self.generator.generate(request.get_ref(), span)?;
+        let transport = Transport::Grpc { method: "Generate" };
+        let metrics = RequestMetrics::new(transport);
+        let span = request_span(transport, &GrpcMetadata(request.metadata()));
+        let stream = self.generator.generate(request.get_ref(), span, metrics)?;
         Ok(Response::new(Box::pin(
             stream.map(|item| item.map_err(Status::from)),
         )))
@@ -49,11 +49,10 @@ impl Inference for InferenceService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
-        let span = request_span(
-            Transport::Grpc { method: "Complete" },
-            &GrpcMetadata(request.metadata()),
-        );
-        let mut stream = self.generator.generate(request.get_ref(), span)?;
+        let transport = Transport::Grpc { method: "Complete" };
+        let metrics = RequestMetrics::new(transport);
+        let span = request_span(transport, &GrpcMetadata(request.metadata()));
+        let mut stream = self.generator.generate(request.get_ref(), span, metrics)?;
         let mut whole = pb::GenerateResponse::default();
         while let Some(msg) = stream.next().await {
             let msg = msg?;

@@ -24,14 +24,25 @@ pub enum Transport<'a> {
     Nats { subject: &'a str },
 }
 
+impl Transport<'_> {
+    /// `torchwire.transport` on spans and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Grpc { .. } => "grpc",
+            Self::Nats { .. } => "nats",
+        }
+    }
+}
+
 /// Opens the span of a request that just arrived, parented by the trace
 /// context in `carrier` (the gRPC metadata or the NATS headers).
 pub fn request_span(transport: Transport<'_>, carrier: &dyn Extractor) -> Span {
     // A work-queue message is processed, not called: a consumer span.
-    let (kind, name) = match transport {
-        Transport::Grpc { .. } => ("server", "grpc"),
-        Transport::Nats { .. } => ("consumer", "nats"),
+    let kind = match transport {
+        Transport::Grpc { .. } => "server",
+        Transport::Nats { .. } => "consumer",
     };
+    let name = transport.name();
     let span = tracing::info_span!(
         parent: None,
         "generate",

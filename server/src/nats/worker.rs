@@ -14,6 +14,7 @@ use torchwire_proto::v1 as pb;
 use torchwire_telemetry::opentelemetry::propagation::Extractor;
 
 use super::Phase;
+use crate::api::metrics::RequestMetrics;
 use crate::api::span::{self, request_span, Transport};
 use crate::api::Generator;
 use crate::error::ServerError;
@@ -54,12 +55,11 @@ impl Worker {
     }
 
     async fn handle(&mut self, msg: &jetstream::Message) -> Settle {
-        let span = request_span(
-            Transport::Nats {
-                subject: msg.subject.as_str(),
-            },
-            &NatsHeaders(msg.headers.as_ref()),
-        );
+        let transport = Transport::Nats {
+            subject: msg.subject.as_str(),
+        };
+        let metrics = RequestMetrics::new(transport);
+        let span = request_span(transport, &NatsHeaders(msg.headers.as_ref()));
         let encoding = Encoding::from_headers(msg.headers.as_ref());
         let delivery = msg.info().map(|i| i.delivered).unwrap_or(1);
         let header = |name: &str| {
@@ -72,6 +72,7 @@ impl Worker {
             tracing::warn!(subject = %msg.subject, "NATS: request without a {} header; terminated", headers::REPLY_TO);
             let err = ServerError::invalid("message", format!("no {} header", headers::REPLY_TO));
             span::record_error(&span, &err);
+            metrics.failed(&err);
             return Settle::Term;
         };
         let header_id = header(headers::REQUEST_ID).unwrap_or_default();
@@ -89,6 +90,7 @@ impl Worker {
             Err(e) => {
                 let err = ServerError::invalid("message", e.to_string());
                 span::record_error(&span, &err);
+                metrics.failed(&err);
                 out.error(&err).await;
                 return Settle::Term;
             }
@@ -101,7 +103,7 @@ impl Worker {
         if delivery > 1 {
             tracing::info!(request_id = %request.request_id, delivery, "NATS: redelivered request");
         }
-        let mut stream = match self.generator.generate(&request, span) {
+        let mut stream = match self.generator.generate(&request, span, metrics) {
             Ok(s) => s,
             Err(e) => return out.refused(e).await,
         };
