@@ -34,12 +34,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     tracing::info!(%addr, "listening; loading models");
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status(INFERENCE_SERVICE, ServingStatus::NotServing)
-        .await;
+    set_health(&health, ServingStatus::NotServing).await;
     let (models_tx, models_rx) = tokio::sync::watch::channel(None::<Generator>);
     let inference = InferenceServer::new(LateInference(models_rx));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -78,10 +73,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         None
     };
     let _ = models_tx.send(Some(generator.clone()));
-    health.set_service_status("", ServingStatus::Serving).await;
-    health
-        .set_service_status(INFERENCE_SERVICE, ServingStatus::Serving)
-        .await;
+    set_health(&health, ServingStatus::Serving).await;
     tracing::info!(%addr, "serving");
 
     shutdown.await;
@@ -90,12 +82,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         grace_secs = config.shutdown_grace_secs,
         "shutting down: draining"
     );
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status(INFERENCE_SERVICE, ServingStatus::NotServing)
-        .await;
+    set_health(&health, ServingStatus::NotServing).await;
     let _ = phase_tx.send(nats::Phase::Draining);
     generator.start_draining();
     let left = generator
@@ -129,6 +116,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     Ok(())
 }
 
+/// Reports `status` for the whole server and for the inference service.
+async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    for service in ["", INFERENCE_SERVICE] {
+        health.set_service_status(service, status).await;
+    }
+}
 /// Loads every configured model, each on its own thread, concurrently.
 async fn load_models(config: &Config) -> Result<Models, ServerError> {
     let starts = config

@@ -190,7 +190,7 @@ impl Llama {
         all_positions: bool,
     ) -> Result<Tensor, TchError> {
         let _guard = tch::no_grad_guard();
-        let h = self.prompt_hidden(&[tokens], cache, slot)?;
+        let h = self.prompt_hidden(&[tokens], cache, slot, 0)?;
         if all_positions {
             self.logits(&h)
         } else {
@@ -210,49 +210,10 @@ impl Llama {
         slot: usize,
         start: usize,
     ) -> Result<Tensor, TchError> {
-        if start == 0 {
-            return self.prefill(tokens, cache, slot, false);
-        }
         let _guard = tch::no_grad_guard();
-        let (t, start) = (tokens.len() as i64, start as i64);
-        let seen = start + t;
-        let ids = ids_tensor(tokens, self.device)?;
-        let cos = self
-            .rope
-            .cos
-            .f_narrow(0, start, t)?
-            .f_view([1, t, 1, self.head_dim])?;
-        let sin = self
-            .rope
-            .sin
-            .f_narrow(0, start, t)?
-            .f_view([1, t, 1, self.head_dim])?;
-        // Token i (position start + i) sees positions 0..=start + i.
-        let visible = Tensor::f_arange(seen, (Kind::Int64, self.device))?
-            .f_view([1, seen])?
-            .f_le_tensor(
-                &Tensor::f_arange_start(start, seen, (Kind::Int64, self.device))?.f_view([t, 1])?,
-            )?;
-        let mut h = Tensor::f_embedding(&self.embed, &ids, -1, false, false)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let (q, k, v) = self.attention_inputs(layer, &h, 1, t, &cos, &sin)?;
-            cache.write_prompts(i, slot, start, &k, &v)?;
-            let (keys, values) = cache.slot_view(i, slot, seen)?;
-            let attn = Tensor::f_scaled_dot_product_attention(
-                &q,
-                &keys,
-                &values,
-                Some(&visible),
-                0.0,
-                false,
-                1.0,
-                true,
-            )?
-            .f_transpose(1, 2)?
-            .f_reshape([t, self.heads * self.head_dim])?;
-            h = self.finish_layer(layer, h, &attn)?;
-        }
-        self.logits(&h.f_narrow(0, t - 1, 1)?)?.f_squeeze_dim(0)
+        let h = self.prompt_hidden(&[tokens], cache, slot, start)?;
+        self.logits(&h.f_narrow(0, tokens.len() as i64 - 1, 1)?)?
+            .f_squeeze_dim(0)
     }
 
     /// Runs several prompts as one batch, prompt `i` into cache slot
@@ -265,7 +226,7 @@ impl Llama {
         first_slot: usize,
     ) -> Result<Tensor, TchError> {
         let _guard = tch::no_grad_guard();
-        let h = self.prompt_hidden(prompts, cache, first_slot)?;
+        let h = self.prompt_hidden(prompts, cache, first_slot, 0)?;
         let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0) as i64;
         let last: Vec<i64> = prompts
             .iter()
@@ -276,19 +237,23 @@ impl Llama {
         self.logits(&h.f_index_select(0, &last)?)
     }
 
-    /// The decoder over prompts that start at position 0, right-padded to
-    /// the longest. Causal attention keeps every real position blind to the
+    /// The decoder over prompts at positions `start..`, right-padded to the
+    /// longest. Causal attention keeps every real position blind to the
     /// padding after it; the padding's cache entries lie beyond each
     /// sequence's length, where decode masks them until they are overwritten.
+    /// With `start > 0` (one prompt, chunked prefill) positions `0..start`
+    /// of its slot are in the cache already and are attended to as well.
     /// Returns the final hidden states `[N * T, hidden]`.
     fn prompt_hidden(
         &self,
         prompts: &[&[u32]],
         cache: &mut KvCache,
         first_slot: usize,
+        start: usize,
     ) -> Result<Tensor, TchError> {
         let n = prompts.len() as i64;
         let t = prompts.iter().map(|p| p.len()).max().unwrap_or(0) as i64;
+        let start = start as i64;
         let mut padded = Vec::with_capacity((n * t) as usize);
         for p in prompts {
             padded.extend(p.iter().map(|&id| id as i64));
@@ -298,24 +263,54 @@ impl Llama {
         let cos = self
             .rope
             .cos
-            .f_narrow(0, 0, t)?
+            .f_narrow(0, start, t)?
             .f_view([1, t, 1, self.head_dim])?;
         let sin = self
             .rope
             .sin
-            .f_narrow(0, 0, t)?
+            .f_narrow(0, start, t)?
             .f_view([1, t, 1, self.head_dim])?;
+        // After a cached prefix: token i (position start + i) sees positions
+        // 0..=start + i of its slot.
+        let prefix_mask = if start > 0 {
+            let seen = start + t;
+            let visible = Tensor::f_arange(seen, (Kind::Int64, self.device))?
+                .f_view([1, seen])?
+                .f_le_tensor(
+                    &Tensor::f_arange_start(start, seen, (Kind::Int64, self.device))?
+                        .f_view([t, 1])?,
+                )?;
+            Some(visible)
+        } else {
+            None
+        };
         let mut h = Tensor::f_embedding(&self.embed, &ids, -1, false, false)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let (q, k, v) = self.attention_inputs(layer, &h, n, t, &cos, &sin)?;
-            cache.write_prompts(i, first_slot, 0, &k, &v)?;
-            // A fresh prompt attends only to itself: plain causal attention
-            // (q carries the scale already).
-            let attn = Tensor::f_scaled_dot_product_attention::<Tensor>(
-                &q, &k, &v, None, 0.0, true, 1.0, true,
-            )?
-            .f_transpose(1, 2)?
-            .f_reshape([n * t, self.heads * self.head_dim])?;
+            cache.write_prompts(i, first_slot, start, &k, &v)?;
+            // q carries the scale already.
+            let attn = match &prefix_mask {
+                // A fresh prompt attends only to itself: plain causal attention.
+                None => Tensor::f_scaled_dot_product_attention::<Tensor>(
+                    &q, &k, &v, None, 0.0, true, 1.0, true,
+                )?,
+                Some(mask) => {
+                    let (keys, values) = cache.slot_view(i, first_slot, start + t)?;
+                    Tensor::f_scaled_dot_product_attention(
+                        &q,
+                        &keys,
+                        &values,
+                        Some(mask),
+                        0.0,
+                        false,
+                        1.0,
+                        true,
+                    )?
+                }
+            };
+            let attn = attn
+                .f_transpose(1, 2)?
+                .f_reshape([n * t, self.heads * self.head_dim])?;
             h = self.finish_layer(layer, h, &attn)?;
         }
         Ok(h)
