@@ -2,10 +2,14 @@
 //! (built by cargo into the same target directory as the tests) and a real
 //! `nats-server`, each on a free port, and stops them on drop.
 
+mod background;
 mod nats;
+mod pki;
 mod process;
 
+pub use background::BackgroundGrpc;
 pub use nats::NatsServer;
+pub use pki::Pki;
 pub use process::{binary_path, repo_root, ChildProcess, Scaler, Server};
 
 /// The model that ships with the repository (or the checkpoint named by
@@ -14,4 +18,16 @@ pub fn bundled_model() -> std::path::PathBuf {
     std::env::var_os("TORCHWIRE_TEST_MODEL")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| repo_root().join("models/torchwire-tiny"))
+}
+
+/// A request whose `request_id` is `id` (so that logs, spans and metrics can
+/// be matched to it), generating `tokens` tokens with EOS ignored.
+pub fn tagged_request(id: &str, tokens: u32) -> torchwire_proto::v1::GenerateRequest {
+    torchwire_proto::v1::GenerateRequest {
+        prompt: format!("Request {id} says"),
+        request_id: id.into(),
+        max_new_tokens: Some(tokens),
+        ignore_eos: true,
+        ..Default::default()
+    }
 }

@@ -345,52 +345,13 @@ async fn bench_writes_json_results_and_a_chart() {
     );
 }
 
-/// A test CA and a server and a client certificate it signed, as PEM files.
-fn make_pki(dir: &std::path::Path) {
-    use rcgen::{
-        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-        KeyPair, KeyUsagePurpose,
-    };
-    let write = |name: &str, pem: String| std::fs::write(dir.join(name), pem).unwrap();
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    ca.distinguished_name
-        .push(DnType::CommonName, "torchwire CLI test CA");
-    write("ca.pem", ca.self_signed(&ca_key).unwrap().pem());
-    let issuer = Issuer::from_params(&ca, &ca_key);
-    for (name, san, usage) in [
-        ("server", "localhost", ExtendedKeyUsagePurpose::ServerAuth),
-        (
-            "client",
-            "torchwire-cli",
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ),
-    ] {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec![san.to_string()]).unwrap();
-        params.extended_key_usages = vec![usage];
-        params.distinguished_name.push(DnType::CommonName, name);
-        write(
-            &format!("{name}.pem"),
-            params.signed_by(&key, &issuer).unwrap().pem(),
-        );
-        write(&format!("{name}.key"), key.serialize_pem());
-    }
-}
-
 /// The TLS flags against a real TLS gRPC server: torchwire-scaler, which
 /// serves gRPC health over TLS and, with a client CA, requires mutual TLS.
 #[tokio::test]
 async fn tls_flags_reach_a_mutual_tls_server() {
-    use torchwire_integration_tests::{ChildProcess, NatsServer};
-    let pki = tempfile::tempdir().unwrap();
-    make_pki(pki.path());
-    let path = |name: &str| pki.path().join(name).display().to_string();
+    use torchwire_integration_tests::{ChildProcess, NatsServer, Pki};
+    let pki = Pki::new("torchwire-cli");
+    let path = |name: &str| pki.path(name);
     let nats = NatsServer::start().unwrap();
     let args: Vec<String> = [
         "--listen",

@@ -5,7 +5,6 @@
 //! arrives.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,8 +20,8 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use opentelemetry_proto::tonic::metrics::v1::number_data_point;
-use tonic::transport::server::TcpIncoming;
-use torchwire_integration_tests::{NatsServer, Server};
+use tonic::service::Routes;
+use torchwire_integration_tests::{tagged_request as request, BackgroundGrpc, NatsServer, Server};
 use torchwire_nats::{codec, headers, Encoding, NatsConfig};
 use torchwire_proto::v1::inference_client::InferenceClient;
 use torchwire_proto::v1::{GenerateRequest, GenerateResponse};
@@ -131,43 +130,18 @@ fn number(
 /// that it keeps answering while a test blocks (e.g. waiting for an exit).
 struct Collector {
     store: Store,
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    service: BackgroundGrpc,
 }
 
 impl Collector {
     fn start() -> Self {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
         let store = Store::default();
-        let service = MetricsServiceServer::new(store.clone());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                tonic::transport::Server::builder()
-                    .add_service(service)
-                    .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
-                        let _ = stopped.await;
-                    })
-                    .await
-                    .unwrap();
-            });
-        });
-        Self {
-            store,
-            addr,
-            stop: Some(stop),
-        }
+        let service = BackgroundGrpc::start(Routes::new(MetricsServiceServer::new(store.clone())));
+        Self { store, service }
     }
 
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.service.url()
     }
 
     /// The series of `name` whose attributes include all of `filter`.
@@ -209,14 +183,6 @@ impl Collector {
     }
 }
 
-impl Drop for Collector {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
 /// A server exporting metrics to `collector` every `interval_ms`.
 async fn metered_server(collector: &Collector, interval_ms: &str) -> Server {
     metered_server_with(collector, interval_ms, &[]).await
@@ -232,16 +198,6 @@ async fn metered_server_with(collector: &Collector, interval_ms: &str, extra: &[
     )
     .await
     .unwrap()
-}
-
-fn request(id: &str, tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        prompt: format!("Request {id} says"),
-        request_id: id.into(),
-        max_new_tokens: Some(tokens),
-        ignore_eos: true,
-        ..Default::default()
-    }
 }
 
 async fn generate_all(

@@ -9,7 +9,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use futures::StreamExt;
 use prost::Message as _;
-use torchwire_integration_tests::{NatsServer, Server};
+use torchwire_integration_tests::{tagged_request as request, NatsServer, Server};
 use torchwire_nats::{codec, headers, Encoding, NatsConfig};
 use torchwire_proto::v1::{GenerateRequest, GenerateResponse};
 
@@ -127,16 +127,6 @@ async fn publish(
         .unwrap()
         .await
         .unwrap();
-}
-
-fn request(id: &str, tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        prompt: format!("Request {id} says"),
-        request_id: id.into(),
-        max_new_tokens: Some(tokens),
-        ignore_eos: true,
-        ..Default::default()
-    }
 }
 
 async fn consumer_counts(js: &jetstream::Context, cfg: &NatsConfig) -> (u64, usize) {

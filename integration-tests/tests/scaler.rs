@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::StreamExt;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
-use torchwire_integration_tests::{binary_path, NatsServer, Scaler};
+use torchwire_integration_tests::{binary_path, NatsServer, Pki, Scaler};
 use torchwire_nats::{codec, ensure_work_queue, headers, Encoding, NatsConfig};
 use torchwire_proto::externalscaler::external_scaler_client::ExternalScalerClient;
 use torchwire_proto::externalscaler::{GetMetricsRequest, IsActiveResponse, ScaledObjectRef};
@@ -619,66 +619,6 @@ async fn reflection_health_and_graceful_shutdown() {
     );
 }
 
-/// A test CA, and a server and a client certificate it signed, as PEM files.
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn new() -> Self {
-        use rcgen::{
-            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
-            KeyPair, KeyUsagePurpose,
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let write = |name: &str, pem: String| std::fs::write(dir.path().join(name), pem).unwrap();
-
-        let ca_key = KeyPair::generate().unwrap();
-        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        ca.distinguished_name
-            .push(DnType::CommonName, "torchwire test CA");
-        write("ca.pem", ca.self_signed(&ca_key).unwrap().pem());
-        let issuer = Issuer::from_params(&ca, &ca_key);
-
-        for (name, sans, usage) in [
-            (
-                "server",
-                vec!["localhost".to_string(), "127.0.0.1".to_string()],
-                ExtendedKeyUsagePurpose::ServerAuth,
-            ),
-            (
-                "client",
-                vec!["keda-operator".to_string()],
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ),
-        ] {
-            let key = KeyPair::generate().unwrap();
-            let mut params = CertificateParams::new(sans).unwrap();
-            params.extended_key_usages = vec![usage];
-            params.distinguished_name.push(DnType::CommonName, name);
-            write(
-                &format!("{name}.pem"),
-                params.signed_by(&key, &issuer).unwrap().pem(),
-            );
-            write(&format!("{name}.key"), key.serialize_pem());
-        }
-        Self { dir }
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-
-    fn read(&self, name: &str) -> Vec<u8> {
-        std::fs::read(self.dir.path().join(name)).unwrap()
-    }
-}
-
 /// A gRPC call over TLS to `addr`, optionally with the client certificate.
 async fn tls_call(
     pki: &Pki,
@@ -713,7 +653,7 @@ async fn tls_call(
 #[tokio::test]
 async fn grpc_tls_and_client_certificates() {
     use torchwire_integration_tests::ChildProcess;
-    let pki = Pki::new();
+    let pki = Pki::new("keda-operator");
     let nats = NatsServer::start().unwrap();
     let tls_args = |client_ca: bool| {
         let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--nats-url", &nats.url()]

@@ -4,7 +4,6 @@
 //! the gen_ai attributes, and reach the collector even when SIGTERM follows
 //! at once; a collector that is down or hung costs the spans, not the service.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,8 +20,8 @@ use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
 use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 use opentelemetry_proto::tonic::trace::v1::Span;
-use tonic::transport::server::TcpIncoming;
-use torchwire_integration_tests::{NatsServer, Server};
+use tonic::service::Routes;
+use torchwire_integration_tests::{tagged_request as request, BackgroundGrpc, NatsServer, Server};
 use torchwire_nats::{codec, headers, Encoding, NatsConfig};
 use torchwire_proto::v1::inference_client::InferenceClient;
 use torchwire_proto::v1::{GenerateRequest, GenerateResponse};
@@ -127,43 +126,18 @@ impl TraceService for Store {
 /// that it keeps answering while a test blocks (e.g. waiting for an exit).
 struct Collector {
     store: Store,
-    addr: SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    service: BackgroundGrpc,
 }
 
 impl Collector {
     fn start() -> Self {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let addr = listener.local_addr().unwrap();
         let store = Store::default();
-        let service = TraceServiceServer::new(store.clone());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move {
-                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                tonic::transport::Server::builder()
-                    .add_service(service)
-                    .serve_with_incoming_shutdown(TcpIncoming::from(listener), async {
-                        let _ = stopped.await;
-                    })
-                    .await
-                    .unwrap();
-            });
-        });
-        Self {
-            store,
-            addr,
-            stop: Some(stop),
-        }
+        let service = BackgroundGrpc::start(Routes::new(TraceServiceServer::new(store.clone())));
+        Self { store, service }
     }
 
     fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        self.service.url()
     }
 
     fn find(&self, pred: impl Fn(&Received) -> bool) -> Option<Received> {
@@ -199,14 +173,6 @@ impl Collector {
     }
 }
 
-impl Drop for Collector {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
 /// The `generate` span of the request with this id.
 fn generate_span(request_id: &str) -> impl Fn(&Received) -> bool + '_ {
     move |r| r.span.name == "generate" && r.string("torchwire.request_id") == Some(request_id)
@@ -223,16 +189,6 @@ async fn traced_server(collector: &Collector, delay_ms: &str, extra: &[&str]) ->
     )
     .await
     .unwrap()
-}
-
-fn request(id: &str, tokens: u32) -> GenerateRequest {
-    GenerateRequest {
-        prompt: format!("Request {id} says"),
-        request_id: id.into(),
-        max_new_tokens: Some(tokens),
-        ignore_eos: true,
-        ..Default::default()
-    }
 }
 
 /// `req` as a tonic request carrying `traceparent` (and a `tracestate`).
