@@ -27,6 +27,10 @@ test:
 lint:
     {{env}} && cargo fmt --all -- --check && cargo clippy --workspace --all-targets -- -D warnings
 
+# Validate deploy/ offline: kustomize overlays against the Kubernetes and KEDA schemas, hadolint.
+validate-deploy *ARGS:
+    {{env}} && python scripts/validate_deploy.py {{ARGS}}
+
 # Retrain the bundled model from its corpus (about 20 minutes on 2 cores).
 train-model:
     {{env}} && bash models/train/fetch_corpus.sh && python models/train/train.py
