@@ -847,13 +847,78 @@ def check_breakages(schemas: Schemas) -> int:
 
 
 # --------------------------------------------------------------------------
+# The server as a rendering would start it
+
+
+def expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion in args ($$ escapes; unknown names stay)."""
+    return re.sub(r"\$\$|\$\((\w+)\)", lambda m: "$" if m.group(0) == "$$" else env.get(m.group(1), m.group(0)), value)
+
+
+def example_secret_values(deploy: Path) -> dict[tuple[str, str], str]:
+    """(Secret name, key) -> value, from deploy/secrets/*.example.yaml."""
+    values = {}
+    for path in sorted((deploy / "secrets").glob("*.example.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "Secret":
+                for key, value in (doc.get("stringData") or {}).items():
+                    values[(doc["metadata"]["name"], key)] = value
+    return values
+
+
+def launch(case_name: str) -> dict:
+    """How the rendering `case_name` starts torchwire-server and
+    torchwire-scaler: per Deployment its first container's arguments
+    (expanded), environment (ConfigMap keys and resource limits resolved,
+    Secret keys from the example Secrets) and ConfigMap files by mount path;
+    and the ScaledObject's trigger. The test suite starts the real programs
+    with these."""
+    case = next((c for c in cases() if c.name == case_name), None)
+    if case is None:
+        die(f"no rendering named {case_name!r}")
+    r = Render(case, render(DEPLOY, case))
+    secrets = example_secret_values(DEPLOY)
+    out: dict = {}
+    for name in ("torchwire-server", "torchwire-scaler"):
+        dep = r.one("Deployment", name)
+        container = dep["spec"]["template"]["spec"]["containers"][0]
+        limits = container.get("resources", {}).get("limits", {})
+        env: dict[str, str] = {}
+        for e in container.get("env") or []:
+            src = e.get("valueFrom") or {}
+            if "secretKeyRef" in src:
+                ref = src["secretKeyRef"]
+                value = secrets.get((ref["name"], ref["key"]))
+            elif "resourceFieldRef" in src:
+                value = str(limits.get(src["resourceFieldRef"]["resource"].removeprefix("limits.")))
+            else:
+                value = resolve_env(r, dep, container, e["name"])
+            if value is None:
+                die(f"{name}: cannot resolve env {e['name']}")
+            env[e["name"]] = expand(value, env)
+        mounts = {m["name"]: m["mountPath"] for m in container.get("volumeMounts") or []}
+        files = {}
+        for vol in dep["spec"]["template"]["spec"].get("volumes") or []:
+            if "configMap" in vol and vol["name"] in mounts:
+                for key, text in (r.one("ConfigMap", vol["configMap"]["name"]).get("data") or {}).items():
+                    files[f"{mounts[vol['name']]}/{key}"] = text
+        out[name] = {"args": [expand(a, env) for a in container.get("args") or []], "env": env, "files": files}
+    out["trigger"] = r.of("ScaledObject")[0]["spec"]["triggers"][0]
+    return out
+
+
+# --------------------------------------------------------------------------
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--schemas", help="directory with keda-v2.17.0/, keda-v2.20.2/ and nvidia-device-plugin-config-v1.json")
     parser.add_argument("--skip-broken", action="store_true", help="skip the broken copies (faster, for editing)")
+    parser.add_argument("--launch", metavar="RENDERING", help="print, as JSON, how that rendering starts the server, and exit")
     args = parser.parse_args()
+    if args.launch:
+        print(json.dumps(launch(args.launch), indent=1))
+        return 0
 
     schemas = Schemas(find_schemas(args.schemas))
     secrets = example_secrets(DEPLOY)
