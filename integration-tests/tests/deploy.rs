@@ -62,7 +62,9 @@ fn every_overlay_validates_and_every_broken_copy_is_rejected() {
     assert_eq!(count(summary, "failures"), 0, "{summary}");
     for overlay in ["cpu", "gpu", "mig", "time-slicing"] {
         assert!(
-            stdout.lines().any(|l| l.starts_with(&format!("ok   {overlay}:"))),
+            stdout
+                .lines()
+                .any(|l| l.starts_with(&format!("ok   {overlay}:"))),
             "overlay {overlay} not validated:\n{stdout}"
         );
     }
