@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use tonic::metadata::MetadataMap;
+use tonic::metadata::{AsciiMetadataValue, MetadataMap};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic::{Request, Streaming};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -127,6 +127,22 @@ impl Client {
         self
     }
 
+    /// Sends `authorization: Bearer <token>` with every call. The value is
+    /// marked sensitive: never shown by `Debug`, never put in HPACK's table.
+    pub fn with_token(mut self, token: &str) -> Result<Self, Error> {
+        let token = token.trim();
+        if token.is_empty() || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Error::Token(
+                "the token must be non-empty printable ASCII without spaces",
+            ));
+        }
+        let mut value = AsciiMetadataValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| Error::Token("the token must be printable ASCII"))?;
+        value.set_sensitive(true);
+        self.metadata.insert("authorization", value);
+        Ok(self)
+    }
+
     /// `message` with this client's metadata.
     fn request<T>(&self, message: T) -> Request<T> {
         let mut request = Request::new(message);
@@ -244,6 +260,20 @@ mod tests {
         };
         assert!(tls.is_set());
         assert!(tls.config().is_ok());
+    }
+
+    #[tokio::test]
+    async fn the_token_is_sent_as_a_sensitive_bearer_header() {
+        let channel = Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        let client = Client::from_channel(channel)
+            .with_token("0123456789abcdef\n")
+            .unwrap();
+        let value = client.metadata.get("authorization").unwrap();
+        assert_eq!(value.to_str().unwrap(), "Bearer 0123456789abcdef");
+        assert!(value.is_sensitive());
+        assert!(!format!("{client:?}").contains("0123456789abcdef"));
+        let channel = Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+        assert!(Client::from_channel(channel).with_token("a b").is_err());
     }
 
     #[tokio::test]

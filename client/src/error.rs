@@ -26,6 +26,16 @@ pub enum Error {
     /// TLS options that do not fit together.
     #[error("TLS configuration: {0}")]
     TlsOptions(&'static str),
+    /// The bearer token cannot be sent.
+    #[error("token: {0}")]
+    Token(&'static str),
+    /// The token file could not be read.
+    #[error("cannot read the token file {}: {source}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// tonic refused the TLS configuration.
     #[error("TLS configuration: {}", chain(source))]
     Tls {
@@ -54,6 +64,8 @@ impl Error {
             Error::InvalidAddress { .. }
             | Error::TlsFile { .. }
             | Error::TlsOptions(_)
+            | Error::Token(_)
+            | Error::TokenFile { .. }
             | Error::Tls { .. } => Code::InvalidArgument,
             Error::Connect { .. } => Code::Unavailable,
             Error::Write { .. } => Code::Unknown,

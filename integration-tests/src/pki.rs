@@ -10,6 +10,7 @@ use rcgen::{
 /// `client.pem`/`client.key`, removed on drop.
 pub struct Pki {
     dir: tempfile::TempDir,
+    issuer: Issuer<'static, KeyPair>,
 }
 
 impl Pki {
@@ -28,7 +29,7 @@ impl Pki {
         ca.distinguished_name
             .push(DnType::CommonName, "torchwire test CA");
         write("ca.pem", ca.self_signed(&ca_key).unwrap().pem());
-        let issuer = Issuer::from_params(&ca, &ca_key);
+        let issuer = Issuer::new(ca, ca_key);
 
         for (name, sans, usage) in [
             (
@@ -52,7 +53,30 @@ impl Pki {
             );
             write(&format!("{name}.key"), key.serialize_pem());
         }
-        Self { dir }
+        Self { dir, issuer }
+    }
+
+    /// Rewrites `server.pem`/`server.key` with a new certificate from the
+    /// same CA, its common name `common_name`; `expired` makes one whose
+    /// validity ended in 2020. Returns the new certificate's DER.
+    pub fn reissue_server(&self, common_name: &str, expired: bool) -> Vec<u8> {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+        }
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        // The key first: a reload between the two writes fails (the pair
+        // does not match) and keeps the old pair, never serves a mismatch.
+        std::fs::write(self.dir.path().join("server.key"), key.serialize_pem()).unwrap();
+        std::fs::write(self.dir.path().join("server.pem"), cert.pem()).unwrap();
+        cert.der().to_vec()
     }
 
     /// The path of one of the files, as a flag value.

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use torchwire_proto::v1::inference_server::{Inference, InferenceServer};
 
@@ -16,7 +15,7 @@ use crate::api::{metrics, Generator, InferenceService, Models};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::ServerError;
-use crate::nats;
+use crate::{nats, security};
 
 const INFERENCE_SERVICE: &str = "torchwire.v1.Inference";
 
@@ -36,21 +35,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let (health, health_service) = tonic_health::server::health_reporter();
     set_health(&health, ServingStatus::NotServing).await;
     let (models_tx, models_rx) = tokio::sync::watch::channel(None::<Generator>);
-    let inference = InferenceServer::new(LateInference(models_rx));
+    let max_message = config.limits.max_message_bytes;
+    let inference = InferenceServer::new(LateInference(models_rx))
+        .max_decoding_message_size(max_message)
+        .max_encoding_message_size(max_message);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let port = security::Port::new(&config)?;
+    let server = port
+        .server()
         .add_service(health_service)
         .add_service(reflection_builder().build_v1()?)
         .add_service(reflection_builder().build_v1alpha()?)
         .add_service(inference)
-        // Nagle's algorithm would hold each small token message back for
-        // the peer's delayed ACK (~40 ms): streaming needs TCP_NODELAY.
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async {
-                let _ = stop_rx.await;
-            },
-        );
+        .serve_with_incoming_shutdown(port.incoming(listener), async {
+            let _ = stop_rx.await;
+        });
     let server = tokio::spawn(server);
 
     tokio::pin!(shutdown);
@@ -58,7 +57,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         loaded = load_models(&config) => {
             let models = Arc::new(loaded?);
             metrics::observe_engines(&models);
-            Generator::new(models)
+            Generator::new(models).with_limits(&config.limits)
         }
         () = &mut shutdown => {
             tracing::info!("shutdown requested while loading");

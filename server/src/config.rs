@@ -26,7 +26,7 @@ const DEFAULT_CONFIG_FILE: &str = "torchwire.toml";
 const ENV: EnvLayout = EnvLayout {
     prefix: "TORCHWIRE_",
     description: "TORCHWIRE_* environment variables",
-    tables: &["nats"],
+    tables: &["nats", "tls", "auth", "limits"],
     // Only these are parsed as numbers: a password of digits or a model
     // named "true" stays a string.
     typed_keys: &[
@@ -40,6 +40,16 @@ const ENV: EnvLayout = EnvLayout {
         "default_max_new_tokens",
         "ack_wait_secs",
         "max_deliver",
+        "reload_interval_secs",
+        "open_health",
+        "open_reflection",
+        "limits.max_message_bytes",
+        "limits.max_concurrent_streams",
+        "limits.keepalive_interval_secs",
+        "limits.keepalive_timeout_secs",
+        "limits.idle_timeout_secs",
+        "limits.max_queue_wait_secs",
+        "limits.max_prompt_bytes",
     ],
     list_keys: &[],
     // Other torchwire programs' variables and the toolchain scripts'.
@@ -50,6 +60,9 @@ const ENV: EnvLayout = EnvLayout {
         "test_model",
         "parity_model",
         "scaler_",
+        // The command line client's.
+        "token",
+        "token_file",
     ],
 };
 
@@ -119,6 +132,18 @@ pub struct Cli {
     /// Durable pull consumer shared by the servers (config: nats.consumer; default torchwire-server).
     #[arg(long)]
     pub nats_consumer: Option<String>,
+    /// Server certificate chain (PEM); turns TLS on (config: tls.cert).
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key of --tls-cert (PEM) (config: tls.key).
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// CA (PEM) client certificates must chain to: mutual TLS (config: tls.client_ca).
+    #[arg(long, value_name = "PEM")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// File of accepted bearer tokens, one per line (config: auth.tokens_file).
+    #[arg(long, value_name = "FILE")]
+    pub auth_tokens_file: Option<PathBuf>,
 }
 
 /// The whole server configuration.
@@ -142,6 +167,15 @@ pub struct Config {
     pub otlp_endpoint: Option<String>,
     /// The NATS JetStream request path; on when `nats.url` is set.
     pub nats: torchwire_nats::NatsConfig,
+    /// TLS on the gRPC port.
+    pub tls: crate::security::TlsConfig,
+    /// Bearer tokens on the gRPC port.
+    pub auth: crate::security::AuthConfig,
+    /// Limits of the gRPC port.
+    pub limits: crate::api::limits::LimitsConfig,
+    /// Seconds between checks of the TLS and token files for changes
+    /// (0 = reread on SIGHUP only).
+    pub reload_interval_secs: u64,
 }
 
 impl Default for Config {
@@ -155,6 +189,10 @@ impl Default for Config {
             log_format: LogFormat::Text,
             otlp_endpoint: None,
             nats: torchwire_nats::NatsConfig::default(),
+            tls: Default::default(),
+            auth: Default::default(),
+            limits: Default::default(),
+            reload_interval_secs: 10,
         }
     }
 }
@@ -251,6 +289,16 @@ impl Config {
         if let Some(url) = &cli.nats_url {
             nats.url = Some(url.clone());
         }
+        for (key, flag) in [
+            (&mut self.tls.cert, &cli.tls_cert),
+            (&mut self.tls.key, &cli.tls_key),
+            (&mut self.tls.client_ca, &cli.tls_client_ca),
+            (&mut self.auth.tokens_file, &cli.auth_tokens_file),
+        ] {
+            if flag.is_some() {
+                key.clone_from(flag);
+            }
+        }
         if let Some(path) = &cli.model {
             let name = cli
                 .model_name
@@ -318,6 +366,9 @@ impl Config {
                 other => ServerError::config("nats", other.to_string()),
             })?;
         }
+        self.tls.validate()?;
+        self.auth.validate()?;
+        self.limits.validate()?;
         if let Some(0) = self.threads {
             return Err(ServerError::config("threads", "must be at least 1"));
         }

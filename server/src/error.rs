@@ -1,6 +1,7 @@
 //! The server's one error type, and its single mapping to a gRPC status.
 
 use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 /// Everything that can go wrong serving a request or starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -10,6 +11,16 @@ pub enum ServerError {
     InvalidArgument {
         field: &'static str,
         message: String,
+    },
+    /// Several request fields are malformed at once, each with its reason.
+    #[error("{}", .0.iter().map(|(f, m)| format!("{f}: {m}")).collect::<Vec<_>>().join("; "))]
+    InvalidArguments(Vec<(&'static str, String)>),
+    /// The request waited for its first token longer than the server allows.
+    #[error("the request waited {waited_ms} ms in the queue of model {model:?}, longer than the {limit_ms} ms allowed; retry later or elsewhere")]
+    QueueTimeout {
+        model: String,
+        waited_ms: u64,
+        limit_ms: u64,
     },
     /// No model is served under this name.
     #[error("model: no model named {0:?} is served (see ListModels)")]
@@ -58,18 +69,40 @@ impl ServerError {
     /// The gRPC status code this error is reported with, on every transport.
     pub fn code(&self) -> Code {
         match self {
-            Self::InvalidArgument { .. } => Code::InvalidArgument,
+            Self::InvalidArgument { .. } | Self::InvalidArguments(_) => Code::InvalidArgument,
             Self::ModelNotFound(_) => Code::NotFound,
-            Self::Overloaded { .. } => Code::ResourceExhausted,
+            Self::Overloaded { .. } | Self::QueueTimeout { .. } => Code::ResourceExhausted,
             Self::ShuttingDown | Self::EngineStopped(_) => Code::Unavailable,
             Self::Compute { .. } | Self::Load { .. } | Self::Config { .. } => Code::Internal,
         }
     }
 }
 
+impl ServerError {
+    /// The request fields at fault and why, for `google.rpc.BadRequest`.
+    pub fn field_violations(&self) -> Vec<(&'static str, &str)> {
+        match self {
+            Self::InvalidArgument { field, message } => vec![(*field, message.as_str())],
+            Self::InvalidArguments(all) => all.iter().map(|(f, m)| (*f, m.as_str())).collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// The one mapping to a gRPC status. Invalid arguments also carry a
+/// `google.rpc.BadRequest` with one field violation per bad field (the
+/// gRPC richer error model), besides the message naming them.
 impl From<ServerError> for Status {
     fn from(err: ServerError) -> Self {
-        Status::new(err.code(), err.to_string())
+        let violations = err.field_violations();
+        if violations.is_empty() {
+            return Status::new(err.code(), err.to_string());
+        }
+        let mut details = ErrorDetails::new();
+        for (field, message) in violations {
+            details.add_bad_request_violation(field, message);
+        }
+        Status::with_error_details(err.code(), err.to_string(), details)
     }
 }
 
@@ -95,6 +128,27 @@ mod tests {
             "{}",
             status.message()
         );
+    }
+
+    #[test]
+    fn invalid_arguments_carry_a_bad_request_per_field() {
+        let status = Status::from(ServerError::InvalidArguments(vec![
+            ("top_p", "must be in (0, 1]".into()),
+            ("min_p", "must be in [0, 1]".into()),
+        ]));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("top_p: ") && status.message().contains("min_p: "));
+        let bad = status
+            .get_details_bad_request()
+            .expect("BadRequest details");
+        let fields: Vec<_> = bad
+            .field_violations
+            .iter()
+            .map(|v| v.field.as_str())
+            .collect();
+        assert_eq!(fields, ["top_p", "min_p"]);
+        let other = Status::from(ServerError::ShuttingDown);
+        assert!(other.get_details_bad_request().is_none());
     }
 
     #[test]

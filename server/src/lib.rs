@@ -8,3 +8,4 @@ pub mod engine;
 pub mod error;
 pub mod model;
 pub mod nats;
+pub mod security;

@@ -18,7 +18,7 @@ const EXIT_CODES: &str = "\
 Exit codes:
   0  success (health: the server is SERVING)
   1  local failure (reading input, writing a results file)
-  2  bad command line or connection options (address, TLS files)
+  2  bad command line or connection options (address, TLS files, token)
   3  server unreachable or unavailable (UNAVAILABLE)
   4  request refused as invalid (INVALID_ARGUMENT, OUT_OF_RANGE, NOT_FOUND,
      FAILED_PRECONDITION, ALREADY_EXISTS)
@@ -59,6 +59,19 @@ struct ConnectionArgs {
     /// Server name to verify the certificate against, if not the address's host.
     #[arg(long, global = true, value_name = "NAME")]
     tls_domain: Option<String>,
+    /// Bearer token sent as `authorization` metadata with every call. Prefer
+    /// the variable or --token-file: a flag shows in the process list.
+    #[arg(
+        long,
+        global = true,
+        env = "TORCHWIRE_TOKEN",
+        hide_env_values = true,
+        value_name = "TOKEN"
+    )]
+    token: Option<Token>,
+    /// File whose first line is the bearer token (wins over --token).
+    #[arg(long, global = true, value_name = "FILE")]
+    token_file: Option<PathBuf>,
     /// Metadata sent with every call, e.g. `-H 'traceparent: 00-...-01'`
     /// (NATS message headers for `publish`); repeatable.
     #[arg(
@@ -80,10 +93,48 @@ impl ConnectionArgs {
         }
     }
 
+    /// The bearer token from --token-file, else --token / TORCHWIRE_TOKEN.
+    fn token(&self) -> Result<Option<String>, Error> {
+        if let Some(path) = &self.token_file {
+            let text = std::fs::read_to_string(path).map_err(|source| Error::TokenFile {
+                path: path.clone(),
+                source,
+            })?;
+            let line = text.lines().map(str::trim).find(|l| !l.is_empty());
+            return match line {
+                Some(token) => Ok(Some(token.to_string())),
+                None => Err(Error::Token("the token file is empty")),
+            };
+        }
+        Ok(self.token.as_ref().map(|t| t.0.clone()))
+    }
+
     async fn connect(&self) -> Result<Client, Error> {
-        Ok(Client::connect(&self.addr, &self.tls())
+        let token = self.token()?;
+        let mut client = Client::connect(&self.addr, &self.tls())
             .await?
-            .with_headers(&self.headers))
+            .with_headers(&self.headers);
+        if let Some(token) = token {
+            client = client.with_token(&token)?;
+        }
+        Ok(client)
+    }
+}
+
+/// A bearer token from the command line; `Debug` never shows it.
+#[derive(Clone)]
+struct Token(String);
+
+impl std::str::FromStr for Token {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(<redacted>)")
     }
 }
 
@@ -143,6 +194,8 @@ fn exit_code(err: &Error) -> u8 {
         Error::InvalidAddress { .. }
         | Error::TlsFile { .. }
         | Error::TlsOptions(_)
+        | Error::Token(_)
+        | Error::TokenFile { .. }
         | Error::Tls { .. } => 2,
         Error::Write { .. } => 1,
         Error::Connect { .. } => 3,
@@ -269,6 +322,26 @@ mod tests {
             parse(&["--tls-cert", "c.pem", "models"]).is_err(),
             "a certificate needs its key"
         );
+    }
+
+    #[test]
+    fn the_token_comes_from_the_flag_or_a_file_and_is_never_shown() {
+        let cli = parse(&["models", "--token", "0123456789abcdef"]).unwrap();
+        assert_eq!(
+            cli.connection.token().unwrap().as_deref(),
+            Some("0123456789abcdef")
+        );
+        assert!(!format!("{cli:?}").contains("0123456789abcdef"));
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), "\nfedcba9876543210\n").unwrap();
+        let path = file.path().to_str().unwrap();
+        let cli = parse(&["models", "--token", "x", "--token-file", path]).unwrap();
+        assert_eq!(
+            cli.connection.token().unwrap().as_deref(),
+            Some("fedcba9876543210")
+        );
+        let help = Cli::command().render_long_help().to_string();
+        assert!(help.contains("TORCHWIRE_TOKEN"));
     }
 
     #[test]

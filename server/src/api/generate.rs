@@ -2,17 +2,19 @@
 //! on its model's engine and yields `GenerateResponse` messages. gRPC and
 //! NATS both serve requests through this.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use tokio::sync::{mpsc, Notify};
 use torchwire_proto::v1 as pb;
 use tracing::Span;
 
+use super::limits::LimitsConfig;
 use super::metrics::RequestMetrics;
 use super::models::Models;
 use super::{span, validate};
@@ -25,6 +27,7 @@ pub struct Generator {
     models: Arc<Models>,
     draining: Arc<AtomicBool>,
     in_flight: Arc<InFlight>,
+    limits: Arc<LimitsConfig>,
 }
 
 #[derive(Default)]
@@ -39,7 +42,19 @@ impl Generator {
             models,
             draining: Arc::new(AtomicBool::new(false)),
             in_flight: Arc::default(),
+            limits: Arc::default(),
         }
+    }
+
+    /// Applies the prompt size and queue wait limits from now on.
+    pub fn with_limits(mut self, limits: &LimitsConfig) -> Self {
+        self.limits = Arc::new(limits.clone());
+        self
+    }
+
+    /// The request limits in force.
+    pub fn limits(&self) -> &LimitsConfig {
+        &self.limits
     }
 
     pub fn models(&self) -> &Models {
@@ -50,13 +65,13 @@ impl Generator {
     /// `span` (see [`span::request_span`]) covers the request until the
     /// stream is dropped, and `metrics` are recorded when it ends; a refusal
     /// is recorded on both at once.
-    pub fn generate(
+    pub async fn generate(
         &self,
         req: &pb::GenerateRequest,
         span: Span,
         mut metrics: RequestMetrics,
     ) -> Result<ResponseStream, ServerError> {
-        match self.accept(req, &span, &mut metrics) {
+        match self.accept(req, &span, &mut metrics).await {
             Ok(parts) => Ok(parts.into_stream(span, metrics, InFlightGuard::new(&self.in_flight))),
             Err(e) => {
                 span::record_error(&span, &e);
@@ -66,7 +81,7 @@ impl Generator {
         }
     }
 
-    fn accept(
+    async fn accept(
         &self,
         req: &pb::GenerateRequest,
         span: &Span,
@@ -83,8 +98,21 @@ impl Generator {
         span.record("torchwire.request_id", request_id.as_str());
         let engine = self.models.get(&req.model)?;
         metrics.model(&engine.info.name);
+        let max_prompt_bytes = self.limits.prompt_bytes(engine.info.context_length);
+        let checked = validate::check(req, max_prompt_bytes)?;
+        let prompt =
+            validate::tokenize(engine.tokenizer.clone(), "prompt", req.prompt.clone(), true)
+                .await?;
         let (tx, rx) = mpsc::unbounded_channel();
-        let job = validate::job(req, &engine.info, &engine.tokenizer, request_id.clone(), tx)?;
+        let job = validate::job(
+            req,
+            checked,
+            prompt.get_ids().to_vec(),
+            &engine.info,
+            request_id.clone(),
+            tx,
+        )?;
+        let arrived = job.arrived;
         // Prompts are user data: only at debug level, never on the span.
         tracing::debug!(request_id = %request_id, model = %engine.info.name, prompt = %req.prompt, prompt_tokens = job.prompt_ids.len(), "request accepted");
         span::record_accepted(
@@ -101,6 +129,7 @@ impl Generator {
             events: rx,
             request_id,
             model: engine.info.name.clone(),
+            queue_limit: self.limits.max_queue_wait().map(|limit| (arrived, limit)),
         })
     }
 
@@ -136,6 +165,8 @@ struct Accepted {
     events: mpsc::UnboundedReceiver<Event>,
     request_id: String,
     model: String,
+    /// When the request arrived and how long it may wait for its first token.
+    queue_limit: Option<(Instant, Duration)>,
 }
 
 impl Accepted {
@@ -149,6 +180,11 @@ impl Accepted {
             events: self.events,
             request_id: self.request_id,
             model: self.model,
+            queue_wait: self.queue_limit.map(|(arrived, limit)| QueueWait {
+                arrived,
+                limit,
+                timer: Box::pin(tokio::time::sleep_until((arrived + limit).into())),
+            }),
             done: false,
             span,
             metrics,
@@ -180,6 +216,8 @@ pub struct ResponseStream {
     events: mpsc::UnboundedReceiver<Event>,
     request_id: String,
     model: String,
+    /// Until the first event: how long the request may still wait.
+    queue_wait: Option<QueueWait>,
     done: bool,
     /// Ends when the stream is dropped. Declared before the guard, so that
     /// the span is ended (and queued for export) before shutdown's drain sees
@@ -188,6 +226,13 @@ pub struct ResponseStream {
     /// Recorded once, when the request ends (on drop, if it had not).
     metrics: RequestMetrics,
     _guard: InFlightGuard,
+}
+
+/// The limit on how long a request waits for its first token.
+struct QueueWait {
+    arrived: Instant,
+    limit: Duration,
+    timer: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl ResponseStream {
@@ -257,7 +302,23 @@ impl Stream for ResponseStream {
             return Poll::Ready(None);
         }
         let (mut chunk, mut finish) = match self.events.poll_recv(cx) {
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => {
+                // Ending the stream drops the receiver: the engine skips the
+                // request when it reaches it, or cancels it at its next step.
+                let expired = self
+                    .queue_wait
+                    .as_mut()
+                    .is_some_and(|w| w.timer.as_mut().poll(cx).is_ready());
+                if let Some(wait) = self.queue_wait.take_if(|_| expired) {
+                    let err = ServerError::QueueTimeout {
+                        model: self.model.clone(),
+                        waited_ms: wait.arrived.elapsed().as_millis() as u64,
+                        limit_ms: wait.limit.as_millis() as u64,
+                    };
+                    return Poll::Ready(Some(Err(self.fail(err))));
+                }
+                return Poll::Pending;
+            }
             Poll::Ready(None) => {
                 let err = ServerError::EngineStopped(self.model.clone());
                 return Poll::Ready(Some(Err(self.fail(err))));
@@ -265,6 +326,7 @@ impl Stream for ResponseStream {
             Poll::Ready(Some(Event::Failed(e))) => return Poll::Ready(Some(Err(self.fail(e)))),
             Poll::Ready(Some(Event::Step { chunk, finish })) => (chunk, finish),
         };
+        self.queue_wait = None;
         // Merge whatever else is ready into this message.
         while finish.is_none() {
             match self.events.try_recv() {

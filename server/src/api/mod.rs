@@ -2,6 +2,7 @@
 //! (shared by gRPC and NATS), and the gRPC service.
 
 pub mod generate;
+pub mod limits;
 pub mod metrics;
 pub mod models;
 pub mod service;

@@ -11,8 +11,8 @@ use torchwire_telemetry::GrpcMetadata;
 use super::generate::Generator;
 use super::metrics::RequestMetrics;
 use super::span::{request_span, Transport};
+use super::validate;
 use crate::engine::stats::Stats;
-use crate::error::ServerError;
 
 /// Implements `torchwire.v1.Inference` on top of a [`Generator`].
 pub struct InferenceService {
@@ -39,7 +39,10 @@ impl Inference for InferenceService {
         let transport = Transport::Grpc { method: "Generate" };
         let metrics = RequestMetrics::new(transport);
         let span = request_span(transport, &GrpcMetadata(request.metadata()));
-        let stream = self.generator.generate(request.get_ref(), span, metrics)?;
+        let stream = self
+            .generator
+            .generate(request.get_ref(), span, metrics)
+            .await?;
         Ok(Response::new(Box::pin(
             stream.map(|item| item.map_err(Status::from)),
         )))
@@ -52,7 +55,10 @@ impl Inference for InferenceService {
         let transport = Transport::Grpc { method: "Complete" };
         let metrics = RequestMetrics::new(transport);
         let span = request_span(transport, &GrpcMetadata(request.metadata()));
-        let mut stream = self.generator.generate(request.get_ref(), span, metrics)?;
+        let mut stream = self
+            .generator
+            .generate(request.get_ref(), span, metrics)
+            .await?;
         let mut whole = pb::GenerateResponse::default();
         while let Some(msg) = stream.next().await {
             let msg = msg?;
@@ -100,10 +106,18 @@ impl Inference for InferenceService {
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
         let req = request.into_inner();
         let engine = self.generator.models().get(&req.model)?;
-        let encoding = engine
-            .tokenizer
-            .encode(req.text.as_str(), req.add_special_tokens)
-            .map_err(|e| ServerError::invalid("text", format!("cannot be tokenized: {e}")))?;
+        let max_bytes = self
+            .generator
+            .limits()
+            .prompt_bytes(engine.info.context_length);
+        validate::text_size("text", &req.text, max_bytes)?;
+        let encoding = validate::tokenize(
+            engine.tokenizer.clone(),
+            "text",
+            req.text,
+            req.add_special_tokens,
+        )
+        .await?;
         Ok(Response::new(pb::TokenizeResponse {
             count: encoding.get_ids().len() as u32,
             token_ids: encoding.get_ids().to_vec(),

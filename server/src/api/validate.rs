@@ -1,9 +1,10 @@
 //! Checks a GenerateRequest against the model's limits and turns it into a
 //! job. Every error names the request field at fault.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use torchwire_proto::v1::GenerateRequest;
 
 use crate::engine::request::{Event, Job};
@@ -16,49 +17,86 @@ pub const MAX_STOP_SEQUENCES: usize = 8;
 pub const MAX_STOP_BYTES: usize = 128;
 pub const MAX_REQUEST_ID_BYTES: usize = 128;
 
+/// Collects every bad field of a request, so that the caller learns of
+/// all of them at once (one `google.rpc.BadRequest` field violation each).
+#[derive(Debug, Default)]
+pub struct Violations(Vec<(&'static str, String)>);
+
+impl Violations {
+    /// Records that `field` is bad.
+    pub fn add(&mut self, field: &'static str, message: impl Into<String>) {
+        self.0.push((field, message.into()));
+    }
+
+    /// Records the error of a check that returns one.
+    pub fn check<T>(&mut self, result: Result<T, ServerError>) -> Option<T> {
+        match result {
+            Ok(v) => Some(v),
+            Err(ServerError::InvalidArgument { field, message }) => {
+                self.add(field, message);
+                None
+            }
+            Err(ServerError::InvalidArguments(all)) => {
+                self.0.extend(all);
+                None
+            }
+            Err(other) => {
+                self.add("request", other.to_string());
+                None
+            }
+        }
+    }
+
+    /// `Ok(value)` when nothing was recorded, else the error naming each field.
+    pub fn into_result<T>(mut self, value: impl FnOnce() -> T) -> Result<T, ServerError> {
+        match self.0.len() {
+            0 => Ok(value()),
+            1 => {
+                let (field, message) = self.0.remove(0);
+                Err(ServerError::InvalidArgument { field, message })
+            }
+            _ => Err(ServerError::InvalidArguments(self.0)),
+        }
+    }
+}
+
 /// Checks the sampling fields (everything that does not need the tokenizer).
 pub fn sampling_params(req: &GenerateRequest) -> Result<SamplingParams, ServerError> {
+    let mut bad = Violations::default();
     let t = req.temperature;
     if !t.is_finite() || t < 0.0 {
-        return Err(ServerError::invalid(
-            "temperature",
-            format!("must be >= 0 (0 = greedy), got {t}"),
-        ));
+        bad.add("temperature", format!("must be >= 0 (0 = greedy), got {t}"));
     }
     let top_p = match req.top_p {
         0.0 => 1.0,
         p if p.is_finite() && p > 0.0 && p <= 1.0 => p,
         p => {
-            return Err(ServerError::invalid(
-                "top_p",
-                format!("must be in (0, 1] (0 = off), got {p}"),
-            ))
+            bad.add("top_p", format!("must be in (0, 1] (0 = off), got {p}"));
+            1.0
         }
     };
     let min_p = req.min_p;
     if !min_p.is_finite() || !(0.0..=1.0).contains(&min_p) {
-        return Err(ServerError::invalid(
-            "min_p",
-            format!("must be in [0, 1], got {min_p}"),
-        ));
+        bad.add("min_p", format!("must be in [0, 1], got {min_p}"));
     }
     let repetition_penalty = match req.repetition_penalty {
         0.0 => 1.0,
         r if r.is_finite() && r > 0.0 => r,
         r => {
-            return Err(ServerError::invalid(
+            bad.add(
                 "repetition_penalty",
                 format!("must be > 0 (1 = off), got {r}"),
-            ))
+            );
+            1.0
         }
     };
     if req.logprobs > MAX_LOGPROBS {
-        return Err(ServerError::invalid(
+        bad.add(
             "logprobs",
             format!("must be at most {MAX_LOGPROBS}, got {}", req.logprobs),
-        ));
+        );
     }
-    Ok(SamplingParams {
+    bad.into_result(|| SamplingParams {
         temperature: t,
         top_k: req.top_k as usize,
         top_p,
@@ -100,31 +138,90 @@ pub fn stop_sequences(req: &GenerateRequest) -> Result<Vec<String>, ServerError>
     Ok(req.stop.clone())
 }
 
-/// Validates the whole request for `info`'s model and builds the job.
+/// Checks that a text to tokenize is not empty and at most `max_bytes`
+/// bytes, before any tokenizer work is spent on it.
+pub fn text_size(field: &'static str, text: &str, max_bytes: usize) -> Result<(), ServerError> {
+    if text.len() > max_bytes {
+        return Err(ServerError::invalid(
+            field,
+            format!(
+                "is {} bytes; at most {max_bytes} bytes are accepted (limits.max_prompt_bytes)",
+                text.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The fields of a request checked before tokenizing, every bad one reported.
+pub struct Checked {
+    params: SamplingParams,
+    stops: Vec<String>,
+    arrived: Instant,
+}
+
+/// Checks everything that does not need the tokenizer, the prompt's size
+/// included; every bad field is reported.
+pub fn check(req: &GenerateRequest, max_prompt_bytes: usize) -> Result<Checked, ServerError> {
+    let arrived = Instant::now();
+    let mut bad = Violations::default();
+    if req.request_id.len() > MAX_REQUEST_ID_BYTES {
+        bad.add(
+            "request_id",
+            format!("at most {MAX_REQUEST_ID_BYTES} bytes"),
+        );
+    }
+    if req.prompt.is_empty() {
+        bad.add("prompt", "must not be empty");
+    }
+    bad.check(text_size("prompt", &req.prompt, max_prompt_bytes));
+    let params = bad.check(sampling_params(req));
+    let stops = bad.check(stop_sequences(req));
+    if req.max_new_tokens == Some(0) {
+        bad.add("max_new_tokens", "must be at least 1");
+    }
+    let (Some(params), Some(stops)) = (params, stops) else {
+        return bad.into_result(|| unreachable!("a check failed"));
+    };
+    bad.into_result(|| Checked {
+        params,
+        stops,
+        arrived,
+    })
+}
+
+/// Tokenizes `text` on the blocking pool, never on the async runtime's
+/// workers: a long text takes milliseconds of CPU. At most as many texts
+/// are tokenized at once as there are cores.
+pub async fn tokenize(
+    tokenizer: Arc<tokenizers::Tokenizer>,
+    field: &'static str,
+    text: String,
+    add_special_tokens: bool,
+) -> Result<tokenizers::Encoding, ServerError> {
+    static POOL: OnceLock<Semaphore> = OnceLock::new();
+    let pool = POOL.get_or_init(|| {
+        Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+    });
+    let _permit = pool
+        .acquire()
+        .await
+        .map_err(|_| ServerError::ShuttingDown)?;
+    tokio::task::spawn_blocking(move || tokenizer.encode(text.as_str(), add_special_tokens))
+        .await
+        .map_err(|e| ServerError::invalid(field, format!("cannot be tokenized: {e}")))?
+        .map_err(|e| ServerError::invalid(field, format!("cannot be tokenized: {e}")))
+}
+
+/// Builds the job of a checked request from its prompt's tokens.
 pub fn job(
     req: &GenerateRequest,
+    checked: Checked,
+    prompt_ids: Vec<u32>,
     info: &ModelInfo,
-    tokenizer: &tokenizers::Tokenizer,
     request_id: String,
     events: mpsc::UnboundedSender<Event>,
 ) -> Result<Job, ServerError> {
-    let arrived = Instant::now();
-    if req.request_id.len() > MAX_REQUEST_ID_BYTES {
-        return Err(ServerError::invalid(
-            "request_id",
-            format!("at most {MAX_REQUEST_ID_BYTES} bytes"),
-        ));
-    }
-    if req.prompt.is_empty() {
-        return Err(ServerError::invalid("prompt", "must not be empty"));
-    }
-    let params = sampling_params(req)?;
-    let stops = stop_sequences(req)?;
-    let prompt_ids = tokenizer
-        .encode(req.prompt.as_str(), true)
-        .map_err(|e| ServerError::invalid("prompt", format!("cannot be tokenized: {e}")))?
-        .get_ids()
-        .to_vec();
     let context = info.context_length;
     if prompt_ids.is_empty() {
         return Err(ServerError::invalid("prompt", "tokenizes to no tokens"));
@@ -157,11 +254,11 @@ pub fn job(
     Ok(Job {
         request_id,
         prompt_ids,
-        params,
+        params: checked.params,
         max_new_tokens,
-        stops,
+        stops: checked.stops,
         ignore_eos: req.ignore_eos,
-        arrived,
+        arrived: checked.arrived,
         events,
     })
 }
@@ -256,6 +353,21 @@ mod tests {
         for (r, field) in cases {
             assert_eq!(field_of(sampling_params(&r).unwrap_err()), field);
         }
+    }
+
+    #[test]
+    fn every_bad_field_is_reported_at_once() {
+        let r = GenerateRequest {
+            prompt: "x".repeat(11),
+            top_p: 2.0,
+            min_p: -1.0,
+            max_new_tokens: Some(0),
+            ..Default::default()
+        };
+        let err = check(&r, 10).err().expect("invalid");
+        let fields: Vec<_> = err.field_violations().iter().map(|(f, _)| *f).collect();
+        assert_eq!(fields, ["prompt", "top_p", "min_p", "max_new_tokens"]);
+        assert!(check(&req(), 10).is_ok());
     }
 
     #[test]

@@ -103,7 +103,7 @@ impl Worker {
         if delivery > 1 {
             tracing::info!(request_id = %request.request_id, delivery, "NATS: redelivered request");
         }
-        let mut stream = match self.generator.generate(&request, span, metrics) {
+        let mut stream = match self.generator.generate(&request, span, metrics).await {
             Ok(s) => s,
             Err(e) => return out.refused(e).await,
         };
