@@ -38,3 +38,7 @@ train-model:
 # Compare torchwire with HF transformers here (see BENCHMARKS.md; flags go to scripts/bench_compare.py).
 bench-compare *ARGS: build
     {{env}} && python scripts/bench_compare.py --model {{model}} {{ARGS}}
+
+# Prefix reuse on a multi-turn agent workload, reuse on against off (see BENCHMARKS.md; flags go to scripts/prefix_reuse_bench.py).
+bench-prefix *ARGS: build
+    {{env}} && python scripts/prefix_reuse_bench.py {{ARGS}}

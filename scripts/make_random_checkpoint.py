@@ -3,6 +3,7 @@ benchmarks that need a model of a given shape but not a trained one.
 
     python scripts/make_random_checkpoint.py --preset llama-3.2-1b --out /tmp/llama-1b-random
     python scripts/make_random_checkpoint.py --preset tiny --out /tmp/tiny-random
+    python scripts/make_random_checkpoint.py --preset agent-100m --out /tmp/agent-100m-random
 
 Writes, in the Hugging Face layout that both transformers and torchwire-server
 load: config.json, generation_config.json, model.safetensors (save_pretrained),
@@ -31,6 +32,12 @@ PRESETS = {
     "llama-3.2-1b": dict(
         hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256,
         context=4096, rope_theta=500000.0, dtype="bfloat16",
+    ),
+    # About 100 M parameters and 2,048 tokens of context: prefill is slow
+    # enough on a CPU to see what prefix reuse saves (scripts/prefix_reuse_bench.py).
+    "agent-100m": dict(
+        hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048, vocab=32000,
+        context=2048, rope_theta=10000.0, dtype="float32",
     ),
     # The bundled model's shape, for quick checks on a CPU.
     "tiny": dict(

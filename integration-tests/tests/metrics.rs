@@ -257,6 +257,11 @@ async fn grpc_requests_are_counted_timed_and_the_engine_is_observed() {
                 && !c
                     .series("torchwire.batch.running", &[("gen_ai.request.model", m)])
                     .is_empty()
+                // Two short prompts, nothing to reuse; the cache is observed.
+                && c.total("torchwire.prefix_cache.misses", &[("gen_ai.request.model", m)]) == 2.0
+                && !c
+                    .series("torchwire.prefix_cache.memory", &[("gen_ai.request.model", m)])
+                    .is_empty()
         })
         .await;
 

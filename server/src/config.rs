@@ -17,6 +17,11 @@ pub use torchwire_telemetry::LogFormat;
 /// no model is configured.
 pub const BUNDLED_MODEL: (&str, &str) = ("torchwire-tiny", "models/torchwire-tiny");
 
+/// Prefix cache budget per model unless configured (MiB).
+const DEFAULT_PREFIX_CACHE_MIB: u64 = 256;
+/// Larger prefix cache budgets are refused as typos (16 TiB).
+const MAX_PREFIX_CACHE_MIB: u64 = 1 << 24;
+
 /// Config file read when `--config` is not given, if it exists.
 const DEFAULT_CONFIG_FILE: &str = "torchwire.toml";
 
@@ -36,6 +41,7 @@ const ENV: EnvLayout = EnvLayout {
         "max_prefill_tokens",
         "max_context",
         "kv_cache_mib",
+        "prefix_cache_mib",
         "queue_size",
         "default_max_new_tokens",
         "ack_wait_secs",
@@ -104,6 +110,9 @@ pub struct Cli {
     /// KV cache budget in MiB; sizes the batch from memory (config: models.<name>.kv_cache_mib).
     #[arg(long)]
     pub kv_cache_mib: Option<u64>,
+    /// Memory for finished sequences' KV prefixes in MiB, 0 = off (config: models.<name>.prefix_cache_mib).
+    #[arg(long, value_name = "MIB")]
+    pub prefix_cache_mib: Option<u64>,
     /// Requests that may wait for a batch slot (config: models.<name>.queue_size).
     #[arg(long)]
     pub queue_size: Option<u32>,
@@ -218,6 +227,9 @@ pub struct ModelConfig {
     /// KV cache budget in MiB; when set, the batch size is as many sequences
     /// of max_context as fit in it.
     pub kv_cache_mib: Option<u64>,
+    /// Memory in MiB for the keys and values of recently finished sequences,
+    /// reused by prompts that start with one of them; 0 turns reuse off.
+    pub prefix_cache_mib: u64,
     /// Requests that may wait for a slot; more are refused with RESOURCE_EXHAUSTED.
     pub queue_size: u32,
     /// max_new_tokens when a request leaves it unset.
@@ -234,6 +246,7 @@ impl Default for ModelConfig {
             max_prefill_tokens: 4096,
             max_context: None,
             kv_cache_mib: None,
+            prefix_cache_mib: DEFAULT_PREFIX_CACHE_MIB,
             queue_size: 64,
             default_max_new_tokens: 128,
         }
@@ -344,6 +357,9 @@ impl Config {
             if let Some(v) = cli.kv_cache_mib {
                 m.kv_cache_mib = Some(v);
             }
+            if let Some(v) = cli.prefix_cache_mib {
+                m.prefix_cache_mib = v;
+            }
             if let Some(v) = cli.queue_size {
                 m.queue_size = v;
             }
@@ -433,6 +449,12 @@ impl Config {
                 return Err(ServerError::config(
                     key("kv_cache_mib"),
                     "must be at least 1",
+                ));
+            }
+            if m.prefix_cache_mib > MAX_PREFIX_CACHE_MIB {
+                return Err(ServerError::config(
+                    key("prefix_cache_mib"),
+                    format!("must be at most {MAX_PREFIX_CACHE_MIB} (MiB)"),
                 ));
             }
             if m.queue_size == 0 {

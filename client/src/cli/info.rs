@@ -175,7 +175,7 @@ pub async fn stats(client: &Client, args: StatsArgs) -> anyhow::Result<ExitCode>
 }
 
 fn stats_text(s: &ModelStats) -> String {
-    let fields: [(&str, String); 11] = [
+    let fields: [(&str, String); 17] = [
         ("running", s.running.to_string()),
         ("waiting", s.waiting.to_string()),
         ("free slots", s.free_slots.to_string()),
@@ -187,6 +187,12 @@ fn stats_text(s: &ModelStats) -> String {
         ("requests finished", s.requests_finished.to_string()),
         ("requests cancelled", s.requests_cancelled.to_string()),
         ("requests rejected", s.requests_rejected.to_string()),
+        ("prefix hits", s.prefix_cache_hits.to_string()),
+        ("prefix misses", s.prefix_cache_misses.to_string()),
+        ("prefix tokens", s.prefix_cache_tokens_reused.to_string()),
+        ("prefix evictions", s.prefix_cache_evictions.to_string()),
+        ("prefix cache bytes", s.prefix_cache_bytes.to_string()),
+        ("prefix entries", s.prefix_cache_entries.to_string()),
     ];
     let mut out = format!("{}\n", s.model);
     for (name, value) in &fields {
@@ -233,6 +239,6 @@ mod tests {
         let text = stats_text(&s);
         assert!(text.starts_with("m\n"));
         assert!(text.contains("tokens generated:   77"), "{text}");
-        assert_eq!(text.lines().count(), 12);
+        assert_eq!(text.lines().count(), 18);
     }
 }

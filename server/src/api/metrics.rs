@@ -12,6 +12,7 @@ use torchwire_telemetry::opentelemetry::{global, KeyValue};
 use super::models::Models;
 use super::span::Transport;
 use crate::engine::request::Finish;
+use crate::engine::stats::Stats;
 use crate::error::ServerError;
 
 pub const REQUEST_DURATION: &str = "gen_ai.server.request.duration";
@@ -21,6 +22,12 @@ pub const TOKENS: &str = "torchwire.tokens";
 pub const REQUESTS: &str = "torchwire.requests";
 pub const BATCH_RUNNING: &str = "torchwire.batch.running";
 pub const QUEUE_WAITING: &str = "torchwire.queue.waiting";
+pub const PREFIX_CACHE_HITS: &str = "torchwire.prefix_cache.hits";
+pub const PREFIX_CACHE_MISSES: &str = "torchwire.prefix_cache.misses";
+pub const PREFIX_CACHE_TOKENS_REUSED: &str = "torchwire.prefix_cache.tokens_reused";
+pub const PREFIX_CACHE_EVICTIONS: &str = "torchwire.prefix_cache.evictions";
+pub const PREFIX_CACHE_MEMORY: &str = "torchwire.prefix_cache.memory";
+pub const PREFIX_CACHE_ENTRIES: &str = "torchwire.prefix_cache.entries";
 
 const MODEL: &str = "gen_ai.request.model";
 const TRANSPORT: &str = "torchwire.transport";
@@ -125,6 +132,86 @@ pub fn observe_engines(models: &Arc<Models>) {
             }
         })
         .build();
+    observe_prefix_caches(&meter, models);
+}
+
+/// How a prefix cache counter is read from an engine's stats.
+type ReadStat = fn(&Stats) -> u64;
+
+/// The engines' prefix cache counters (cumulative) and sizes (gauges).
+fn observe_prefix_caches(meter: &Meter, models: &Arc<Models>) {
+    let counters: [(&'static str, &'static str, &'static str, ReadStat); 4] = [
+        (
+            PREFIX_CACHE_HITS,
+            "{request}",
+            "Prompts that started with a cached prefix",
+            |s| Stats::get(&s.prefix_hits),
+        ),
+        (
+            PREFIX_CACHE_MISSES,
+            "{request}",
+            "Prompts that found no cached prefix (while the cache is on)",
+            |s| Stats::get(&s.prefix_misses),
+        ),
+        (
+            PREFIX_CACHE_TOKENS_REUSED,
+            "{token}",
+            "Prompt tokens copied from the prefix cache instead of being read",
+            |s| Stats::get(&s.prefix_tokens_reused),
+        ),
+        (
+            PREFIX_CACHE_EVICTIONS,
+            "{entry}",
+            "Prefix cache entries dropped to make room",
+            |s| Stats::get(&s.prefix_evictions),
+        ),
+    ];
+    for (name, unit, description, read) in counters {
+        let models = Arc::downgrade(models);
+        meter
+            .u64_observable_counter(name)
+            .with_unit(unit)
+            .with_description(description)
+            .with_callback(move |counter| {
+                for engine in Weak::upgrade(&models).iter().flat_map(|m| m.iter()) {
+                    counter.observe(
+                        read(&engine.stats),
+                        &[KeyValue::new(MODEL, engine.info.name.clone())],
+                    );
+                }
+            })
+            .build();
+    }
+    let gauges: [(&'static str, &'static str, &'static str, ReadStat); 2] = [
+        (
+            PREFIX_CACHE_MEMORY,
+            "By",
+            "Bytes of keys and values the prefix cache holds",
+            |s| Stats::get(&s.prefix_bytes),
+        ),
+        (
+            PREFIX_CACHE_ENTRIES,
+            "{entry}",
+            "Finished sequences' prefixes the prefix cache holds",
+            |s| Stats::get(&s.prefix_entries),
+        ),
+    ];
+    for (name, unit, description, read) in gauges {
+        let models = Arc::downgrade(models);
+        meter
+            .u64_observable_gauge(name)
+            .with_unit(unit)
+            .with_description(description)
+            .with_callback(move |gauge| {
+                for engine in Weak::upgrade(&models).iter().flat_map(|m| m.iter()) {
+                    gauge.observe(
+                        read(&engine.stats),
+                        &[KeyValue::new(MODEL, engine.info.name.clone())],
+                    );
+                }
+            })
+            .build();
+    }
 }
 
 /// One request's metrics, from its arrival to its end; recorded once, by

@@ -155,6 +155,12 @@ impl Inference for InferenceService {
                     requests_cancelled: Stats::get(&s.cancelled),
                     requests_rejected: Stats::get(&s.rejected),
                     free_slots: (e.info.max_batch_size as u32).saturating_sub(running),
+                    prefix_cache_hits: Stats::get(&s.prefix_hits),
+                    prefix_cache_misses: Stats::get(&s.prefix_misses),
+                    prefix_cache_tokens_reused: Stats::get(&s.prefix_tokens_reused),
+                    prefix_cache_evictions: Stats::get(&s.prefix_evictions),
+                    prefix_cache_bytes: Stats::get(&s.prefix_bytes),
+                    prefix_cache_entries: Stats::get(&s.prefix_entries),
                 }
             })
             .collect();

@@ -163,4 +163,40 @@ impl KvCache {
         }
         Ok(())
     }
+
+    /// Bytes the keys and values of one token take, over every layer.
+    pub fn bytes_per_token(&self) -> u64 {
+        let size = self.keys[0].size();
+        let kind = self.keys[0].kind();
+        Self::bytes_per_sequence(self.keys.len(), size[1] as usize, 1, size[3] as usize, kind)
+    }
+
+    /// A copy of positions `0..len` of `slot`: every layer's keys, then every
+    /// layer's values, as one `[2 * layers, kv_heads, len, head_dim]` tensor.
+    pub fn copy_out(&self, slot: usize, len: usize) -> Result<Tensor, TchError> {
+        let rows = self
+            .keys
+            .iter()
+            .chain(&self.values)
+            .map(|cache| cache.f_select(0, slot as i64)?.f_narrow(1, 0, len as i64))
+            .collect::<Result<Vec<_>, _>>()?;
+        Tensor::f_stack(&rows, 0)
+    }
+
+    /// Writes positions `0..len` of `rows` (as [`copy_out`](Self::copy_out)
+    /// returns them) into positions `0..len` of `slot`.
+    pub fn copy_in(&mut self, slot: usize, rows: &Tensor, len: usize) -> Result<(), TchError> {
+        for (i, cache) in self
+            .keys
+            .iter_mut()
+            .chain(self.values.iter_mut())
+            .enumerate()
+        {
+            cache
+                .f_select(0, slot as i64)?
+                .f_narrow(1, 0, len as i64)?
+                .f_copy_(&rows.f_select(0, i as i64)?.f_narrow(1, 0, len as i64)?)?;
+        }
+        Ok(())
+    }
 }

@@ -2,6 +2,7 @@
 //! and runs continuous batching; requests reach it through a bounded queue.
 
 pub mod kv_cache;
+pub mod prefix_cache;
 pub mod request;
 pub mod sampler;
 mod scheduler;
@@ -83,9 +84,13 @@ impl Engine {
                             jobs: jobs_rx,
                             stop: stop_thread,
                         },
-                        stats_thread,
+                        stats_thread.clone(),
                         config_owned.max_prefill_tokens as usize,
-                    );
+                    )
+                    .with_prefix_cache(prefix_cache::PrefixCache::new(
+                        config_owned.prefix_cache_mib * 1024 * 1024,
+                        stats_thread,
+                    ));
                     if ready_tx.send(Ok((tokenizer, info))).is_ok() {
                         scheduler.run();
                     }

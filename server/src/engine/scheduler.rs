@@ -15,6 +15,7 @@ use tch::{Kind, Tensor};
 use tokio::sync::mpsc;
 
 use super::kv_cache::KvCache;
+use super::prefix_cache::{Hit, PrefixCache};
 use super::request::{Chunk, Event, Finish, FinishReason, Job, TokenLogprob};
 use super::sampler::{Sampled, Sampler};
 use super::stats::Stats;
@@ -38,6 +39,8 @@ struct Sequence {
     text: TextStream,
     started: Instant,
     first_token: Option<Instant>,
+    /// Where the prompt's cached prefix came from, if it had one.
+    resumed: Option<Hit>,
 }
 
 /// What the model thread is told: jobs in queue order, and a stop flag
@@ -61,6 +64,8 @@ pub(super) struct Scheduler {
     chunked: Option<Chunked>,
     /// Taken from the queue, waiting for the chunked prefill to finish.
     pending: VecDeque<Job>,
+    /// Prefixes of finished sequences, for prompts that start with one.
+    prefix: PrefixCache,
 }
 
 /// A prompt read in chunks of `max_prefill_tokens`.
@@ -69,6 +74,8 @@ struct Chunked {
     /// Prompt tokens in the cache so far.
     done: usize,
     started: Instant,
+    /// Where the prompt's first tokens came from, if cached.
+    resumed: Option<Hit>,
 }
 
 impl Scheduler {
@@ -81,6 +88,7 @@ impl Scheduler {
         stats: Arc<Stats>,
         max_prefill_tokens: usize,
     ) -> Self {
+        let prefix = PrefixCache::new(0, stats.clone());
         Self {
             name,
             model,
@@ -92,7 +100,14 @@ impl Scheduler {
             running: Vec::new(),
             chunked: None,
             pending: VecDeque::new(),
+            prefix,
         }
+    }
+
+    /// Keeps finished sequences' prefixes in `prefix` (off by default).
+    pub fn with_prefix_cache(mut self, prefix: PrefixCache) -> Self {
+        self.prefix = prefix;
+        self
     }
 
     /// Serves jobs until told to stop, or until every sender is gone and the
@@ -179,6 +194,11 @@ impl Scheduler {
             }
             !gone
         });
+        let mut jobs = self.resume_cached(jobs);
+        if self.chunked.is_some() {
+            self.pending.extend(jobs);
+            return;
+        }
         jobs.sort_by_key(|job| job.prompt_ids.len());
         while !jobs.is_empty() {
             if jobs[0].prompt_ids.len() > self.max_prefill_tokens {
@@ -187,6 +207,7 @@ impl Scheduler {
                     job,
                     done: 0,
                     started: Instant::now(),
+                    resumed: None,
                 });
                 self.pending.extend(jobs);
                 return;
@@ -196,6 +217,42 @@ impl Scheduler {
             let group: Vec<Job> = jobs.drain(..n).collect();
             self.prefill(group);
         }
+    }
+
+    /// Starts the jobs whose prompt begins with a cached prefix: the
+    /// prefix's keys and values are copied into the next free slot and only
+    /// the rest of the prompt is read, as a chunked prefill from there (in
+    /// one go when it fits `max_prefill_tokens`). Returns the other jobs; a
+    /// rest longer than that leaves its job chunked, and the jobs after it
+    /// are returned unread.
+    fn resume_cached(&mut self, jobs: Vec<Job>) -> Vec<Job> {
+        let mut others = Vec::new();
+        for job in jobs {
+            if self.chunked.is_some() {
+                others.push(job);
+                continue;
+            }
+            let slot = self.running.len();
+            let hit = match self.prefix.resume(&job.prompt_ids, &mut self.cache, slot) {
+                Ok(Some(hit)) => hit,
+                Ok(None) => {
+                    others.push(job);
+                    continue;
+                }
+                Err(e) => {
+                    self.fail(job, &e.to_string());
+                    continue;
+                }
+            };
+            self.chunked = Some(Chunked {
+                job,
+                done: hit.reused,
+                started: Instant::now(),
+                resumed: Some(hit),
+            });
+            self.prefill_next_chunk();
+        }
+        others
     }
 
     /// One batched prefill: the jobs take the next free slots, in order.
@@ -257,6 +314,9 @@ impl Scheduler {
             Err(e) => return self.fail(chunked.job, &e.to_string()),
         };
         let sampled = self.begin(chunked.job, &mut row, chunked.started);
+        if let Some(seq) = self.running.last_mut() {
+            seq.resumed = chunked.resumed;
+        }
         self.emit_from(slot, vec![sampled]);
     }
 
@@ -274,6 +334,7 @@ impl Scheduler {
             text: TextStream::new(job.stops.clone()),
             started,
             first_token: None,
+            resumed: None,
             job,
         });
         sampled
@@ -445,6 +506,7 @@ impl Scheduler {
     /// Takes sequence `i` out of the batch; the last sequence moves into its
     /// slot, and a chunked prompt after the batch moves down one.
     fn remove(&mut self, i: usize) {
+        self.keep_prefix(i);
         let last = self.running.len() - 1;
         self.running.swap_remove(i);
         let mut moved = Ok(());
@@ -464,6 +526,16 @@ impl Scheduler {
                 self.fail(chunked.job, &message);
             }
         }
+    }
+
+    /// Offers the rows of the sequence in slot `i` (every token but the
+    /// last sampled one, which has no keys and values yet) to the prefix cache.
+    fn keep_prefix(&mut self, i: usize) {
+        let seq = &self.running[i];
+        let tokens = &seq.history[..seq.cached];
+        let prompt = seq.job.prompt_ids.len();
+        self.prefix
+            .store(&self.cache, i, tokens, prompt, seq.resumed);
     }
 
     fn fail(&self, job: Job, message: &str) {

@@ -13,6 +13,17 @@ pub struct Stats {
     pub finished: AtomicU64,
     pub cancelled: AtomicU64,
     pub rejected: AtomicU64,
+    /// Prompts that started with a cached prefix, and those that did not
+    /// (counted only while the prefix cache is on).
+    pub prefix_hits: AtomicU64,
+    pub prefix_misses: AtomicU64,
+    /// Prompt tokens copied from the prefix cache instead of being read.
+    pub prefix_tokens_reused: AtomicU64,
+    /// Entries dropped to make room for newer ones.
+    pub prefix_evictions: AtomicU64,
+    /// What the prefix cache holds now: bytes of keys and values, entries.
+    pub prefix_bytes: AtomicU64,
+    pub prefix_entries: AtomicU64,
 }
 
 impl Stats {
