@@ -134,7 +134,7 @@ def median(values):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--checkpoint", default=os.path.join(os.environ.get("TORCHWIRE_CACHE", "/tmp"), "agent-100m-random"))
+    p.add_argument("--checkpoint", help="default: $TORCHWIRE_CACHE/<preset>-random")
     p.add_argument("--preset", default="agent-100m", help="make_random_checkpoint.py preset, when --checkpoint is missing")
     p.add_argument("--turns", type=int, default=8)
     p.add_argument("--user-tokens", type=int, default=100)
@@ -148,6 +148,9 @@ def main():
     p.add_argument("--out", default=os.path.join(REPO, "bench-results"))
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    if not args.checkpoint:
+        cache = os.environ.get("TORCHWIRE_CACHE", os.path.expanduser("~/.cache/torchwire"))
+        args.checkpoint = os.path.join(cache, f"{args.preset}-random")
 
     if not os.path.exists(os.path.join(args.checkpoint, "config.json")):
         log(f"making {args.preset} at {args.checkpoint}")
@@ -211,7 +214,6 @@ def main():
         rows.append(row)
 
     info = machine()
-    params = None
     print(f"\nprefix reuse, {args.turns} turns of ~{args.user_tokens} user + {args.output_tokens} output tokens, "
           f"{shape['num_hidden_layers']} layers x {shape['hidden_size']}, vocab {shape['vocab_size']}, "
           f"{args.threads} threads, {args.trials} trials; {info.get('cpu', '')}")
@@ -227,7 +229,7 @@ def main():
               f"bytes {s.get('prefixCacheBytes', 0)}, entries {s.get('prefixCacheEntries', 0)}")
     path = os.path.join(args.out, f"prefix-reuse-{stamp}.json")
     with open(path, "w") as f:
-        json.dump({"settings": vars(args), "shape": shape, "parameters": params, "machine": info,
+        json.dump({"settings": vars(args), "shape": shape, "machine": info,
                    "rows": rows, "sessions": results, "stats": final_stats}, f, indent=1)
     log(f"wrote {path}")
 
