@@ -33,16 +33,16 @@ PRESETS = {
         hidden=2048, layers=16, heads=32, kv_heads=8, intermediate=8192, vocab=128256,
         context=4096, rope_theta=500000.0, dtype="bfloat16",
     ),
-    # About 100 M parameters and 2,048 tokens of context: prefill is slow
+    # About 100 M parameters and 4,096 tokens of context: prefill is slow
     # enough on a CPU to see what prefix reuse saves (scripts/prefix_reuse_bench.py).
     "agent-100m": dict(
         hidden=768, layers=12, heads=12, kv_heads=4, intermediate=2048, vocab=32000,
-        context=2048, rope_theta=10000.0, dtype="float32",
+        context=4096, rope_theta=10000.0, dtype="float32",
     ),
     # The same context at a third of the cost, for a busy machine.
     "agent-30m": dict(
         hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408, vocab=16000,
-        context=2048, rope_theta=10000.0, dtype="float32",
+        context=4096, rope_theta=10000.0, dtype="float32",
     ),
     # The bundled model's shape, for quick checks on a CPU.
     "tiny": dict(

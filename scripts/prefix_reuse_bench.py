@@ -143,7 +143,7 @@ def main():
     p.add_argument("--trials", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache-mib", type=int, default=1024)
-    p.add_argument("--max-context", type=int, default=2048)
+    p.add_argument("--max-context", type=int, default=4096)
     p.add_argument("--bin-dir", default=os.path.join(REPO, "target", "release"))
     p.add_argument("--out", default=os.path.join(REPO, "bench-results"))
     args = p.parse_args()
@@ -158,6 +158,9 @@ def main():
                         "--preset", args.preset, "--out", args.checkpoint, "--device", "cpu"], check=True)
     with open(os.path.join(args.checkpoint, "config.json")) as f:
         shape = json.load(f)
+    if shape["max_position_embeddings"] < args.max_context:
+        raise SystemExit(f"{args.checkpoint} has {shape['max_position_embeddings']} positions, less than "
+                         f"--max-context {args.max_context}: remake it (delete it) or lower --max-context")
     cli = os.path.join(args.bin_dir, "torchwire")
     server_bin = os.path.join(args.bin_dir, "torchwire-server")
     for b in (cli, server_bin):
