@@ -4,7 +4,9 @@
 
 use std::process::Output;
 
+use async_nats::jetstream;
 use torchwire_integration_tests::{binary_path, NatsServer, Server};
+use torchwire_nats::{Discard, NatsConfig};
 
 async fn publish(nats_url: &str, args: &[&str]) -> Output {
     tokio::process::Command::new(binary_path("torchwire"))
@@ -61,4 +63,44 @@ async fn publish_streams_the_reply_and_reports_errors() {
     assert!(!out.status.success());
     assert!(stderr.contains("temperature"), "{stderr}");
     assert!(stderr.to_ascii_lowercase().contains("invalid"), "{stderr}");
+}
+
+#[tokio::test]
+async fn publish_to_a_full_queue_is_refused_with_a_clear_error() {
+    let nats = NatsServer::start().unwrap();
+    let url = nats.url();
+    let cfg = NatsConfig {
+        url: Some(url.clone()),
+        max_msgs: 2,
+        max_age_secs: 3600,
+        ..NatsConfig::default()
+    };
+    let js = jetstream::new(async_nats::connect(&url).await.unwrap());
+    torchwire_nats::ensure_work_queue(&js, &cfg).await.unwrap();
+    let mut stream = js.get_stream(&cfg.stream).await.unwrap();
+    let created = stream.info().await.unwrap().config.clone();
+    assert_eq!(created.max_messages, 2);
+    assert_eq!(created.max_bytes, -1, "0 in the config is no limit");
+    assert_eq!(created.max_age, std::time::Duration::from_secs(3600));
+    assert_eq!(created.discard, jetstream::stream::DiscardPolicy::New);
+    assert_eq!(cfg.discard, Discard::New);
+    for body in ["first", "second"] {
+        js.publish(cfg.subject.clone(), body.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    let out = publish(&url, &["Hi", "--max-new-tokens", "2"]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("work queue on torchwire.generate is full")
+            && stderr.contains("maximum messages exceeded")
+            && stderr.contains("nothing was queued"),
+        "{stderr}"
+    );
+    // The requests already waiting were kept, not dropped for the new one.
+    assert_eq!(stream.info().await.unwrap().state.messages, 2);
 }

@@ -369,6 +369,18 @@ async fn nats_requests_are_counted_with_their_transport() {
                 && c.total("torchwire.requests", &refused) == 1.0
         })
         .await;
+    // The work-queue messages, by how they were settled.
+    collector
+        .wait_until("both NATS messages settled", |c| {
+            let settled = |outcome| {
+                c.total(
+                    "torchwire.nats.messages",
+                    &[("torchwire.nats.outcome", outcome)],
+                )
+            };
+            settled("acked") == 1.0 && settled("unanswerable") == 1.0
+        })
+        .await;
     let output = [("gen_ai.request.model", m), ("gen_ai.token.type", "output")];
     assert_eq!(collector.total("torchwire.tokens", &output), 5.0);
     for (attrs, _) in collector.series("torchwire.requests", &refused) {

@@ -164,15 +164,24 @@ async fn setup(
 }
 
 async fn start_server(nats: &NatsServer, ack_wait_secs: u64, extra: &[&str]) -> Server {
+    start_server_with(nats, ack_wait_secs, extra, &[]).await
+}
+
+/// A server with extra flags and `TORCHWIRE_*` variables.
+async fn start_server_with(
+    nats: &NatsServer,
+    ack_wait_secs: u64,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Server {
     let mut flags = vec!["--nats-url", nats.url().leak() as &str];
     flags.extend_from_slice(extra);
     let ack = ack_wait_secs.to_string();
-    Server::start_with_env(
-        &Server::default_args(&flags),
-        &[("TORCHWIRE_NATS_ACK_WAIT_SECS", ack.as_str())],
-    )
-    .await
-    .unwrap()
+    let mut all = vec![("TORCHWIRE_NATS_ACK_WAIT_SECS", ack.as_str())];
+    all.extend_from_slice(env);
+    Server::start_with_env(&Server::default_args(&flags), &all)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -461,4 +470,343 @@ async fn a_broker_restart_during_a_run_loses_no_request() {
         let seen = replies.get(&format!("replies.r{i}"));
         assert!(seen.iter().any(|s| s.last), "r{i} never got a final answer");
     }
+}
+
+/// Waits until the stream holds no message (each was acked or terminated).
+async fn wait_stream_empty(js: &jetstream::Context, cfg: &NatsConfig) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut stream = js.get_stream(&cfg.stream).await.unwrap();
+        let left = stream.info().await.unwrap().state.messages;
+        if left == 0 {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{left} messages left in the stream"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_poisoned_replica_leaves_and_a_healthy_one_answers_every_request() {
+    let nats = NatsServer::start().unwrap();
+    let (_client, js, cfg, replies) = setup(&nats, 30).await;
+    let retry = [("TORCHWIRE_NATS_RETRY_DELAY_MS", "100")];
+    let mut poisoned = start_server_with(
+        &nats,
+        30,
+        &["--max-batch-size", "4"],
+        &[
+            ("TORCHWIRE_DEBUG_FAULT", "fail-generate"),
+            ("TORCHWIRE_MAX_ENGINE_FAILURES", "3"),
+            retry[0],
+        ],
+    )
+    .await;
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(poisoned.channel().await.unwrap());
+    let mut watch = health
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Published while only the poisoned replica pulls: it takes them first.
+    let n = 8;
+    for i in 0..n {
+        publish(
+            &js,
+            &cfg.subject,
+            &request(&format!("p{i}"), 12),
+            &format!("replies.p{i}"),
+            Encoding::Protobuf,
+        )
+        .await;
+    }
+    let _healthy = start_server_with(&nats, 30, &["--max-batch-size", "4"], &retry).await;
+
+    let status = tokio::task::spawn_blocking(move || {
+        let status = poisoned.wait_exit(WAIT);
+        (poisoned, status)
+    })
+    .await
+    .unwrap()
+    .1
+    .unwrap();
+    assert!(
+        !status.success(),
+        "a replica whose engine keeps failing must exit non-zero: {status:?}"
+    );
+    let mut statuses = Vec::new();
+    while let Ok(Some(msg)) = watch.message().await {
+        statuses.push(msg.status);
+    }
+    assert!(
+        statuses
+            .contains(&(tonic_health::pb::health_check_response::ServingStatus::NotServing as i32)),
+        "health must turn NOT_SERVING before the exit: {statuses:?}"
+    );
+
+    replies
+        .wait_for("every request complete", |m| {
+            m.len() == n && m.values().all(|s| complete_tokens(s) == Some(12))
+        })
+        .await;
+    let mut redelivered = 0;
+    for i in 0..n {
+        let seen = replies.get(&format!("replies.p{i}"));
+        assert_eq!(finals(&seen), 1, "p{i}: exactly one final outcome");
+        assert!(
+            seen.iter().all(|s| s.response.error.is_none()),
+            "p{i}: {seen:?}"
+        );
+        redelivered += usize::from(seen.iter().any(|s| s.delivery >= 2));
+    }
+    assert!(
+        redelivered >= 3,
+        "the poisoned replica's failures ({redelivered}) must be redelivered, not answered"
+    );
+    wait_counts(&js, &cfg, (0, 0)).await;
+}
+
+#[tokio::test]
+async fn the_last_delivery_answers_with_the_error_and_a_model_is_left_for_its_replica() {
+    let nats = NatsServer::start().unwrap();
+    let (_client, js, cfg, replies) = setup(&nats, 30).await;
+    let env = [
+        // With two replicas, a request lands on the wrong one every time
+        // with a chance of 1 in 2^20.
+        ("TORCHWIRE_NATS_MAX_DELIVER", "20"),
+        ("TORCHWIRE_NATS_RETRY_DELAY_MS", "50"),
+        ("TORCHWIRE_NATS_RETRY_DELAY_MAX_MS", "200"),
+    ];
+    // Replica A serves torchwire-tiny; replica B serves the same files as "other".
+    let _a = start_server_with(&nats, 30, &[], &env).await;
+    let model = torchwire_integration_tests::bundled_model()
+        .display()
+        .to_string();
+    let mut b_env = env.to_vec();
+    b_env.push(("TORCHWIRE_MODELS__OTHER__PATH", model.as_str()));
+    b_env.push(("TORCHWIRE_NATS_ACK_WAIT_SECS", "30"));
+    let nats_url = nats.url();
+    let _b = Server::start_with_env(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+            "--nats-url",
+            nats_url.as_str(),
+        ]
+        .map(String::from),
+        &b_env,
+    )
+    .await
+    .unwrap();
+
+    let n = 6;
+    for i in 0..n {
+        for model in ["other", "torchwire-tiny"] {
+            let req = GenerateRequest {
+                model: model.into(),
+                ..request(&format!("{model}-{i}"), 6)
+            };
+            publish(
+                &js,
+                &cfg.subject,
+                &req,
+                &format!("replies.{model}-{i}"),
+                Encoding::Protobuf,
+            )
+            .await;
+        }
+    }
+    let ghost = GenerateRequest {
+        model: "ghost".into(),
+        ..request("ghost", 6)
+    };
+    publish(
+        &js,
+        &cfg.subject,
+        &ghost,
+        "replies.ghost",
+        Encoding::Protobuf,
+    )
+    .await;
+
+    replies
+        .wait_for("every request answered", |m| {
+            m.len() == 2 * n + 1 && m.values().all(|s| finals(s) >= 1)
+        })
+        .await;
+    let mut moved = 0;
+    for i in 0..n {
+        for model in ["other", "torchwire-tiny"] {
+            let seen = replies.get(&format!("replies.{model}-{i}"));
+            assert_eq!(finals(&seen), 1, "{model}-{i}");
+            assert_eq!(complete_tokens(&seen), Some(6), "{model}-{i}: {seen:?}");
+            assert!(
+                seen.iter().all(|s| s.response.model == model),
+                "{model}-{i}: {seen:?}"
+            );
+            moved += usize::from(seen.iter().any(|s| s.delivery >= 2));
+        }
+    }
+    assert!(
+        moved > 0,
+        "some requests must have reached the wrong replica first and been left for the right one"
+    );
+    // A model nobody serves ends, on the last delivery, with NOT_FOUND.
+    let seen = replies.get("replies.ghost");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].last);
+    assert_eq!(seen[0].delivery, 20);
+    let err = seen[0].response.error.clone().expect("an error");
+    assert_eq!(err.code, tonic::Code::NotFound as i32, "{err:?}");
+    assert!(
+        err.message.contains("ghost") && err.message.contains("max_deliver"),
+        "{}",
+        err.message
+    );
+    wait_stream_empty(&js, &cfg).await;
+}
+
+#[tokio::test]
+async fn hostile_headers_get_no_reply_or_a_clean_error() {
+    let nats = NatsServer::start().unwrap();
+    let (client, js, cfg, replies) = setup(&nats, 30).await;
+    // Every subject anything is published to, outside JetStream's own.
+    let published = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut all = client.subscribe(">").await.unwrap();
+    client.flush().await.unwrap();
+    tokio::spawn({
+        let published = published.clone();
+        async move {
+            while let Some(msg) = all.next().await {
+                published.lock().unwrap().push(msg.subject.to_string());
+            }
+        }
+    });
+    let _server = start_server_with(
+        &nats,
+        30,
+        &[],
+        &[("TORCHWIRE_NATS_REPLY_PREFIX", "replies.")],
+    )
+    .await;
+
+    let raw = |reply: Vec<&str>, id: Option<&str>, body: GenerateRequest| {
+        let js = js.clone();
+        let subject = cfg.subject.clone();
+        let mut h = async_nats::HeaderMap::new();
+        for r in reply {
+            h.append(headers::REPLY_TO, r);
+        }
+        if let Some(id) = id {
+            h.insert(headers::REQUEST_ID, id);
+        }
+        async move {
+            js.publish_with_headers(subject, h, body.encode_to_vec().into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+    let huge = format!("replies.{}", "x".repeat(400));
+    // Nowhere safe to answer: terminated without any reply.
+    for reply in [
+        "replies.*",
+        "replies.>",
+        ">",
+        "replies.a b",
+        "replies..x",
+        huge.as_str(),
+        "$JS.API.STREAM.DELETE.TORCHWIRE",
+        "torchwire.generate",
+        "other.x",
+    ] {
+        raw(vec![reply], None, request("unanswerable", 4)).await;
+    }
+    raw(vec!["replies.one", "replies.two"], None, request("two", 4)).await;
+    // Answerable, but the id would inject headers or flood logs: a clean error.
+    raw(
+        vec!["replies.crlf"],
+        None,
+        request("id\r\nTorchwire-Final: true", 4),
+    )
+    .await;
+    raw(vec!["replies.nul"], None, request("id\0x", 4)).await;
+    raw(vec!["replies.long"], None, request(&"i".repeat(10_000), 4)).await;
+    raw(vec!["replies.esc"], Some("id\u{1b}[2J"), request("", 4)).await;
+    raw(vec!["replies.good"], Some("good"), request("", 4)).await;
+
+    replies
+        .wait_for("the error replies and the good one", |m| {
+            [
+                "replies.crlf",
+                "replies.nul",
+                "replies.long",
+                "replies.esc",
+                "replies.good",
+            ]
+            .iter()
+            .all(|k| m.get(*k).is_some_and(|s| finals(s) == 1))
+        })
+        .await;
+    wait_stream_empty(&js, &cfg).await;
+    for (reply, field) in [
+        ("replies.crlf", "request_id"),
+        ("replies.nul", "request_id"),
+        ("replies.long", "request_id"),
+        ("replies.esc", headers::REQUEST_ID),
+    ] {
+        let seen = replies.get(reply);
+        assert_eq!(seen.len(), 1, "{reply}: {seen:?}");
+        let err = seen[0].response.error.clone().expect("an error reply");
+        assert_eq!(err.code, tonic::Code::InvalidArgument as i32, "{reply}");
+        assert!(err.message.starts_with(field), "{reply}: {}", err.message);
+        assert_eq!(
+            seen[0].response.request_id, "",
+            "{reply}: the bad id is not echoed"
+        );
+    }
+    assert_eq!(complete_tokens(&replies.get("replies.good")), Some(4));
+    assert!(seen_ids_are_clean(&replies));
+    // The stream was not deleted through a reply subject...
+    js.get_stream(&cfg.stream).await.unwrap();
+    // ...and nothing was published anywhere but the accepted reply subjects.
+    let mut subjects: Vec<String> = published
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| !s.starts_with('$') && !s.starts_with("_INBOX.") && *s != &cfg.subject)
+        .cloned()
+        .collect();
+    subjects.sort();
+    subjects.dedup();
+    assert_eq!(
+        subjects,
+        [
+            "replies.crlf",
+            "replies.esc",
+            "replies.good",
+            "replies.long",
+            "replies.nul"
+        ],
+    );
+}
+
+/// No response carries a request id with a control character.
+fn seen_ids_are_clean(replies: &Replies) -> bool {
+    replies
+        .0
+        .lock()
+        .unwrap()
+        .values()
+        .flatten()
+        .all(|s| !s.response.request_id.chars().any(char::is_control))
 }

@@ -209,4 +209,164 @@ mod tests {
         let err = decode_request(&[0xff, 0xff, 0xff], Encoding::Protobuf).unwrap_err();
         assert!(err.to_string().contains("protobuf"), "{err}");
     }
+
+    mod fuzz {
+        //! Every decoder of NATS input, fed what a hostile or broken
+        //! publisher could send: decoding returns a message or a
+        //! `NatsError::Decode` of the encoding asked for, never a panic.
+        //! `scripts/fuzz.sh` runs these with many more cases.
+
+        use super::*;
+        use proptest::prelude::*;
+
+        fn any_request() -> impl Strategy<Value = GenerateRequest> {
+            (
+                (".{0,12}", "\\PC{0,64}", ".{0,12}"),
+                proptest::option::of(any::<u32>()),
+                (
+                    any::<f32>(),
+                    any::<u32>(),
+                    any::<f32>(),
+                    any::<f32>(),
+                    any::<f32>(),
+                ),
+                proptest::option::of(any::<u64>()),
+                proptest::collection::vec(".{0,8}", 0..4),
+                (any::<bool>(), any::<u32>()),
+            )
+                .prop_map(
+                    |(
+                        (model, prompt, request_id),
+                        max_new_tokens,
+                        (temperature, top_k, top_p, min_p, repetition_penalty),
+                        seed,
+                        stop,
+                        (ignore_eos, logprobs),
+                    )| {
+                        GenerateRequest {
+                            model,
+                            prompt,
+                            request_id,
+                            max_new_tokens,
+                            temperature,
+                            top_k,
+                            top_p,
+                            min_p,
+                            repetition_penalty,
+                            seed,
+                            stop,
+                            ignore_eos,
+                            logprobs,
+                        }
+                    },
+                )
+        }
+
+        /// JSON documents near the real schema: known and unknown keys with
+        /// values of every JSON type.
+        fn any_json() -> impl Strategy<Value = String> {
+            let leaf = prop_oneof![
+                Just(serde_json::Value::Null),
+                any::<bool>().prop_map(serde_json::Value::Bool),
+                any::<i64>().prop_map(|n| serde_json::json!(n)),
+                any::<f64>().prop_map(|n| serde_json::json!(n)),
+                ".{0,10}".prop_map(serde_json::Value::String),
+                Just(serde_json::json!("18446744073709551616")),
+                Just(serde_json::json!("NaN")),
+                Just(serde_json::json!(-1)),
+            ];
+            let value = leaf.prop_recursive(3, 16, 4, |inner| {
+                prop_oneof![
+                    proptest::collection::vec(inner.clone(), 0..4)
+                        .prop_map(serde_json::Value::Array),
+                    proptest::collection::btree_map(".{0,6}", inner, 0..3)
+                        .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+                ]
+            });
+            let key = prop_oneof![
+                Just("prompt"),
+                Just("model"),
+                Just("requestId"),
+                Just("request_id"),
+                Just("maxNewTokens"),
+                Just("max_new_tokens"),
+                Just("temperature"),
+                Just("topK"),
+                Just("topP"),
+                Just("minP"),
+                Just("repetitionPenalty"),
+                Just("seed"),
+                Just("stop"),
+                Just("ignoreEos"),
+                Just("logprobs"),
+                Just("unknownField"),
+            ];
+            proptest::collection::btree_map(key, value, 0..6).prop_map(|m| {
+                serde_json::Value::Object(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+                    .to_string()
+            })
+        }
+
+        fn check<T: std::fmt::Debug>(
+            result: Result<T, NatsError>,
+            encoding: Encoding,
+        ) -> Result<(), TestCaseError> {
+            if let Err(e) = result {
+                prop_assert!(
+                    matches!(&e, NatsError::Decode { encoding: got, .. } if *got == encoding),
+                    "{e}"
+                );
+                prop_assert!(!e.to_string().is_empty());
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes_decode_or_fail_cleanly(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+                for encoding in [Encoding::Protobuf, Encoding::Json] {
+                    check(decode_request(&body, encoding), encoding)?;
+                    check(decode_response(&body, encoding), encoding)?;
+                }
+            }
+
+            #[test]
+            fn json_near_the_schema_decodes_or_fails_cleanly(doc in any_json()) {
+                check(decode_request(doc.as_bytes(), Encoding::Json), Encoding::Json)?;
+                check(decode_response(doc.as_bytes(), Encoding::Json), Encoding::Json)?;
+            }
+
+            /// Valid requests, then flipped, cut or spliced bytes.
+            #[test]
+            fn mutated_requests_decode_or_fail_cleanly(
+                request in any_request(),
+                json in any::<bool>(),
+                flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+                cut in any::<prop::sample::Index>(),
+            ) {
+                let encoding = if json { Encoding::Json } else { Encoding::Protobuf };
+                let mut body = encode_request(&request, encoding).to_vec();
+                // Floats (NaN, infinities) that JSON cannot carry make no round trip.
+                if flips.is_empty() && request.temperature.is_finite() && request.top_p.is_finite()
+                    && request.min_p.is_finite() && request.repetition_penalty.is_finite()
+                {
+                    prop_assert_eq!(decode_request(&body, encoding).unwrap(), request.clone());
+                }
+                if !body.is_empty() {
+                    for (at, byte) in &flips {
+                        let i = at.index(body.len());
+                        body[i] ^= byte;
+                    }
+                    body.truncate(cut.index(body.len() + 1));
+                }
+                check(decode_request(&body, encoding), encoding)?;
+            }
+
+            #[test]
+            fn any_content_type_selects_an_encoding(value in "\\PC{0,40}|.{0,40}") {
+                let encoding = Encoding::from_content_type(&value);
+                prop_assert!(matches!(encoding, Encoding::Json | Encoding::Protobuf));
+            }
+        }
+    }
 }

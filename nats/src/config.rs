@@ -46,8 +46,36 @@ pub struct NatsConfig {
     pub consumer: String,
     /// Seconds a delivered request may go unacknowledged before redelivery (servers send progress acks meanwhile).
     pub ack_wait_secs: u64,
-    /// Deliveries of one request at most before it is given up on.
+    /// Deliveries of one request at most; the last one that fails answers
+    /// the publisher with a final error and terminates the message.
     pub max_deliver: i64,
+    /// Delay before a failed request is offered again, doubled with each
+    /// delivery (milliseconds).
+    pub retry_delay_ms: u64,
+    /// Longest delay before a failed request is offered again (milliseconds).
+    pub retry_delay_max_ms: u64,
+    /// Reply subjects must start with this (e.g. `_INBOX.`); unset = any literal subject.
+    pub reply_prefix: Option<String>,
+    /// Requests the stream holds at most (set when it is created); 0 = no limit.
+    pub max_msgs: i64,
+    /// Bytes the stream holds at most (set when it is created); 0 = no limit.
+    pub max_bytes: i64,
+    /// Seconds a request may wait in the stream before it is dropped unanswered; 0 = forever.
+    pub max_age_secs: u64,
+    /// What a full stream does: `new` refuses new requests (publishers get an
+    /// error), `old` drops the oldest waiting ones unanswered.
+    pub discard: Discard,
+}
+
+/// The stream's policy when it reaches a limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Discard {
+    /// Refuse new messages: the publisher learns the queue is full.
+    #[default]
+    New,
+    /// Drop the oldest messages, which are never answered.
+    Old,
 }
 
 impl Default for NatsConfig {
@@ -67,6 +95,13 @@ impl Default for NatsConfig {
             consumer: "torchwire-server".into(),
             ack_wait_secs: 30,
             max_deliver: 5,
+            retry_delay_ms: 500,
+            retry_delay_max_ms: 30_000,
+            reply_prefix: None,
+            max_msgs: 100_000,
+            max_bytes: 0,
+            max_age_secs: 0,
+            discard: Discard::New,
         }
     }
 }
@@ -85,6 +120,15 @@ impl NatsConfig {
     /// `ack_wait_secs` as a duration.
     pub fn ack_wait(&self) -> Duration {
         Duration::from_secs(self.ack_wait_secs)
+    }
+
+    /// How long to wait before a request is offered again after its
+    /// `delivered`-th delivery failed: `retry_delay_ms` doubled per earlier
+    /// delivery, at most `retry_delay_max_ms`.
+    pub fn retry_delay(&self, delivered: i64) -> Duration {
+        let doublings = delivered.saturating_sub(1).clamp(0, 32) as u32;
+        let delay = self.retry_delay_ms.saturating_mul(1u64 << doublings);
+        Duration::from_millis(delay.min(self.retry_delay_max_ms))
     }
 
     /// Checks every value; the error names the offending key.
@@ -174,6 +218,37 @@ impl NatsConfig {
         }
         if self.max_deliver < 1 {
             return Err(NatsError::config("nats.max_deliver", "must be at least 1"));
+        }
+        if self.retry_delay_max_ms < self.retry_delay_ms {
+            return Err(NatsError::config(
+                "nats.retry_delay_max_ms",
+                format!(
+                    "is {}, less than nats.retry_delay_ms ({})",
+                    self.retry_delay_max_ms, self.retry_delay_ms
+                ),
+            ));
+        }
+        for (key, value) in [
+            ("nats.max_msgs", self.max_msgs),
+            ("nats.max_bytes", self.max_bytes),
+        ] {
+            if value < 0 {
+                return Err(NatsError::config(key, "must be 0 (no limit) or more"));
+            }
+        }
+        if let Some(prefix) = &self.reply_prefix {
+            let bad = prefix.is_empty()
+                || prefix.starts_with('.')
+                || prefix.contains("..")
+                || prefix.contains(|c: char| {
+                    c.is_whitespace() || c.is_control() || matches!(c, '*' | '>' | '$')
+                });
+            if bad {
+                return Err(NatsError::config(
+                    "nats.reply_prefix",
+                    format!("{prefix:?} is not the start of a literal subject"),
+                ));
+            }
         }
         Ok(())
     }
@@ -446,6 +521,48 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(key_of(&config), "nats.max_deliver");
+    }
+
+    #[test]
+    fn retry_delay_doubles_up_to_the_maximum() {
+        let config = NatsConfig {
+            retry_delay_ms: 100,
+            retry_delay_max_ms: 1000,
+            ..Default::default()
+        };
+        let ms = |d: i64| config.retry_delay(d).as_millis();
+        assert_eq!(
+            [ms(0), ms(1), ms(2), ms(3), ms(4), ms(5)],
+            [100, 100, 200, 400, 800, 1000]
+        );
+        assert_eq!(ms(i64::MAX), 1000);
+        let config = NatsConfig {
+            retry_delay_ms: 200,
+            retry_delay_max_ms: 100,
+            ..Default::default()
+        };
+        assert_eq!(key_of(&config), "nats.retry_delay_max_ms");
+    }
+
+    #[test]
+    fn limits_and_reply_prefix_are_checked() {
+        let config = NatsConfig {
+            max_msgs: -1,
+            ..Default::default()
+        };
+        assert_eq!(key_of(&config), "nats.max_msgs");
+        for prefix in ["", "a b", "_INBOX.*", "$JS.", ".x"] {
+            let config = NatsConfig {
+                reply_prefix: Some(prefix.into()),
+                ..Default::default()
+            };
+            assert_eq!(key_of(&config), "nats.reply_prefix", "{prefix:?}");
+        }
+        let config: NatsConfig =
+            serde_json::from_str(r#"{"discard":"old","reply_prefix":"_INBOX."}"#).unwrap();
+        assert_eq!(config.discard, Discard::Old);
+        config.validate().unwrap();
+        assert!(serde_json::from_str::<NatsConfig>(r#"{"discard":"oldest"}"#).is_err());
     }
 
     #[test]

@@ -32,6 +32,10 @@ pub enum NatsError {
     /// The stream or consumer exists but cannot serve as torchwire's work queue.
     #[error("{what} cannot be used as the work queue: {reason}")]
     Incompatible { what: String, reason: String },
+    /// A value from a message (a header, a request field) is refused;
+    /// `what` names it (e.g. `Torchwire-Reply-To`, `request_id`).
+    #[error("{what}: {reason}")]
+    Invalid { what: &'static str, reason: String },
     /// A message body is not a valid request or response.
     #[error("cannot decode {encoding} message: {source}")]
     Decode {
@@ -47,6 +51,14 @@ impl NatsError {
         Self::Config {
             key: key.into(),
             message: message.into(),
+        }
+    }
+
+    /// A refused message value, see [`NatsError::Invalid`].
+    pub fn invalid(what: &'static str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            what,
+            reason: reason.into(),
         }
     }
 

@@ -9,9 +9,9 @@ pub mod headers;
 mod work_queue;
 
 pub use codec::Encoding;
-pub use config::{NatsConfig, DEFAULT_URL};
+pub use config::{Discard, NatsConfig, DEFAULT_URL};
 pub use error::NatsError;
-pub use work_queue::{ensure_work_queue, subject_matches};
+pub use work_queue::{ensure_work_queue, stream_config, subject_matches};
 
 /// The async-nats version this crate is built against, re-exported so that
 /// users name the same types.

@@ -2,14 +2,16 @@
 //! stream on the request subject and one durable pull consumer that every
 //! server pulls from, with explicit acks.
 
+use std::time::Duration;
+
 use async_nats::jetstream::consumer::{pull, AckPolicy, PullConsumer};
 use async_nats::jetstream::context::{
     ConsumerInfoErrorKind, Context, GetStreamError, GetStreamErrorKind,
 };
-use async_nats::jetstream::stream::{self, RetentionPolicy};
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy};
 use async_nats::jetstream::ErrorCode;
 
-use crate::{NatsConfig, NatsError};
+use crate::{Discard, NatsConfig, NatsError};
 
 /// Gets or creates the work-queue stream and its durable pull consumer as
 /// `config` describes them. An existing stream must have work-queue retention
@@ -47,20 +49,43 @@ async fn ensure_stream(js: &Context, config: &NatsConfig) -> Result<stream::Stre
                     ),
                 });
             }
+            let wanted = stream_config(config);
+            let limits = |c: &stream::Config| (c.max_messages, c.max_bytes, c.max_age, c.discard);
+            if limits(existing) != limits(&wanted) {
+                // The stream belongs to whoever created it: say so, change nothing.
+                tracing::warn!(stream = %config.stream, existing = ?limits(existing), configured = ?limits(&wanted),
+                    "the existing stream's limits (max_msgs, max_bytes, max_age, discard) differ from the config; keeping them");
+            }
             Ok(stream)
         }
         Err(err) if is_stream_not_found(&err) => {
-            tracing::info!(stream = %config.stream, subject = %config.subject, "creating work-queue stream");
-            js.create_stream(stream::Config {
-                name: config.stream.clone(),
-                subjects: vec![config.subject.clone()],
-                retention: RetentionPolicy::WorkQueue,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| NatsError::jetstream(format!("create {}", what()), e))
+            tracing::info!(stream = %config.stream, subject = %config.subject, max_msgs = config.max_msgs,
+                max_bytes = config.max_bytes, max_age_secs = config.max_age_secs, discard = ?config.discard,
+                "creating work-queue stream");
+            js.create_stream(stream_config(config))
+                .await
+                .map_err(|e| NatsError::jetstream(format!("create {}", what()), e))
         }
         Err(err) => Err(NatsError::jetstream(format!("get {}", what()), err)),
+    }
+}
+
+/// The stream a new work queue gets: work-queue retention on the request
+/// subject, with the configured limits (0 = none, which JetStream spells -1).
+pub fn stream_config(config: &NatsConfig) -> stream::Config {
+    let limit = |v: i64| if v > 0 { v } else { -1 };
+    stream::Config {
+        name: config.stream.clone(),
+        subjects: vec![config.subject.clone()],
+        retention: RetentionPolicy::WorkQueue,
+        max_messages: limit(config.max_msgs),
+        max_bytes: limit(config.max_bytes),
+        max_age: Duration::from_secs(config.max_age_secs),
+        discard: match config.discard {
+            Discard::New => DiscardPolicy::New,
+            Discard::Old => DiscardPolicy::Old,
+        },
+        ..Default::default()
     }
 }
 

@@ -57,7 +57,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         loaded = load_models(&config) => {
             let models = Arc::new(loaded?);
             metrics::observe_engines(&models);
-            Generator::new(models).with_limits(&config.limits)
+            Generator::new(models)
+                .with_limits(&config.limits)
+                .with_failure_limit(config.max_engine_failures)
         }
         () = &mut shutdown => {
             tracing::info!("shutdown requested while loading");
@@ -75,7 +77,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     set_health(&health, ServingStatus::Serving).await;
     tracing::info!(%addr, "serving");
 
-    shutdown.await;
+    // An engine that keeps failing takes the replica out of service: the
+    // same drain as on SIGTERM, then a non-zero exit so that it is restarted.
+    let broken = tokio::select! {
+        () = &mut shutdown => None,
+        reason = generator.breaker().tripped() => Some(reason),
+    };
     tracing::info!(
         in_flight = generator.in_flight(),
         grace_secs = config.shutdown_grace_secs,
@@ -112,7 +119,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     // Streams cut by the grace period may keep connections open: do not wait long.
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     tracing::info!("stopped");
-    Ok(())
+    match broken {
+        Some(reason) => Err(anyhow::anyhow!("stopped: {reason}")),
+        None => Ok(()),
+    }
 }
 
 /// Reports `status` for the whole server and for the inference service.

@@ -56,6 +56,12 @@ const ENV: EnvLayout = EnvLayout {
         "limits.idle_timeout_secs",
         "limits.max_queue_wait_secs",
         "limits.max_prompt_bytes",
+        "retry_delay_ms",
+        "retry_delay_max_ms",
+        "max_msgs",
+        "max_bytes",
+        "max_age_secs",
+        "max_engine_failures",
     ],
     list_keys: &[],
     // Other torchwire programs' variables and the toolchain scripts'.
@@ -69,6 +75,7 @@ const ENV: EnvLayout = EnvLayout {
         // The command line client's.
         "token",
         "token_file",
+        "debug_",
     ],
 };
 
@@ -185,6 +192,9 @@ pub struct Config {
     /// Seconds between checks of the TLS and token files for changes
     /// (0 = reread on SIGHUP only).
     pub reload_interval_secs: u64,
+    /// Engine failures (INTERNAL) in a row after which the server stops
+    /// taking work, reports NOT_SERVING and exits non-zero; 0 = never.
+    pub max_engine_failures: u32,
 }
 
 impl Default for Config {
@@ -202,6 +212,7 @@ impl Default for Config {
             auth: Default::default(),
             limits: Default::default(),
             reload_interval_secs: 10,
+            max_engine_failures: 3,
         }
     }
 }

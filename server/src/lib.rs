@@ -6,6 +6,7 @@ pub mod app;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod fault;
 pub mod model;
 pub mod nats;
 pub mod security;

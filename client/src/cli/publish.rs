@@ -88,10 +88,15 @@ pub async fn run(args: PublishArgs, extra_headers: &[Header]) -> anyhow::Result<
     let start = Instant::now();
     let js = jetstream::new(client.clone());
     let ack = js
-        .publish_with_headers(args.nats_subject.clone(), h, codec::encode_request(&request, Encoding::Protobuf))
-        .await?
+        .publish_with_headers(
+            args.nats_subject.clone(),
+            h,
+            codec::encode_request(&request, Encoding::Protobuf),
+        )
         .await
-        .map_err(|e| anyhow::anyhow!("publishing to {}: {e} (is the work-queue stream created? start a server with --nats-url)", args.nats_subject))?;
+        .map_err(|e| anyhow::anyhow!("publishing to {}: {e}", args.nats_subject))?
+        .await
+        .map_err(|e| publish_error(&args.nats_subject, e))?;
     if !args.request.quiet {
         eprintln!("[queued as {} #{}]", ack.stream, ack.sequence);
     }
@@ -153,4 +158,24 @@ pub async fn run(args: PublishArgs, extra_headers: &[Header]) -> anyhow::Result<
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// What a refused publish means for the user: the queue is full (discard
+/// policy `new`), or there is no work queue at all.
+fn publish_error(subject: &str, e: jetstream::context::PublishError) -> anyhow::Error {
+    use jetstream::context::PublishErrorKind;
+    let api = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<jetstream::Error>());
+    if let Some(api) = api.filter(|a| a.error_code() == jetstream::ErrorCode::STREAM_STORE_FAILED) {
+        return anyhow::anyhow!(
+            "the work queue on {subject} is full and refused the request ({api}); \
+             nothing was queued: retry later (limits: nats.max_msgs, nats.max_bytes)"
+        );
+    }
+    match e.kind() {
+        PublishErrorKind::StreamNotFound => anyhow::anyhow!(
+            "publishing to {subject}: no JetStream stream takes this subject \
+             (a server started with --nats-url creates the work queue)"
+        ),
+        _ => anyhow::anyhow!("publishing to {subject}: {e}"),
+    }
 }

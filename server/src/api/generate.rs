@@ -15,11 +15,13 @@ use torchwire_proto::v1 as pb;
 use tracing::Span;
 
 use super::limits::LimitsConfig;
+use super::breaker::Breaker;
 use super::metrics::RequestMetrics;
 use super::models::Models;
 use super::{span, validate};
 use crate::engine::request::{Chunk, Event, Finish, FinishReason};
 use crate::error::ServerError;
+use crate::fault::{self, Fault};
 
 /// Generates for every transport; tracks streams in flight for shutdown.
 #[derive(Clone)]
@@ -28,6 +30,7 @@ pub struct Generator {
     draining: Arc<AtomicBool>,
     in_flight: Arc<InFlight>,
     limits: Arc<LimitsConfig>,
+    breaker: Arc<Breaker>,
 }
 
 #[derive(Default)]
@@ -43,6 +46,7 @@ impl Generator {
             draining: Arc::new(AtomicBool::new(false)),
             in_flight: Arc::default(),
             limits: Arc::default(),
+            breaker: Arc::new(Breaker::new(0)),
         }
     }
 
@@ -55,6 +59,17 @@ impl Generator {
     /// The request limits in force.
     pub fn limits(&self) -> &LimitsConfig {
         &self.limits
+    }
+
+    /// Trips [`breaker`](Self::breaker) after `limit` engine failures in a row (0: never).
+    pub fn with_failure_limit(mut self, limit: u32) -> Self {
+        self.breaker = Arc::new(Breaker::new(limit));
+        self
+    }
+
+    /// Whether the engines still work; see [`Breaker`].
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
     }
 
     pub fn models(&self) -> &Models {
@@ -72,8 +87,14 @@ impl Generator {
         mut metrics: RequestMetrics,
     ) -> Result<ResponseStream, ServerError> {
         match self.accept(req, &span, &mut metrics).await {
-            Ok(parts) => Ok(parts.into_stream(span, metrics, InFlightGuard::new(&self.in_flight))),
+            Ok(parts) => Ok(parts.into_stream(
+                span,
+                metrics,
+                InFlightGuard::new(&self.in_flight),
+                self.breaker.clone(),
+            )),
             Err(e) => {
+                self.breaker.failure(&e);
                 span::record_error(&span, &e);
                 metrics.failed(&e);
                 Err(e)
@@ -123,7 +144,14 @@ impl Generator {
             job.max_new_tokens,
         );
         let prompt_tokens = job.prompt_ids.len();
-        engine.submit(job)?;
+        if fault::active(&Fault::FailGenerate) {
+            let _ = job.events.send(Event::Failed(ServerError::Compute {
+                model: engine.info.name.clone(),
+                message: format!("injected fault ({}=fail-generate)", fault::ENV),
+            }));
+        } else {
+            engine.submit(job)?;
+        }
         metrics.accepted(prompt_tokens);
         Ok(Accepted {
             events: rx,
@@ -136,6 +164,7 @@ impl Generator {
     /// Refuses new requests from now on (UNAVAILABLE).
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
+        self.breaker.disarm();
     }
 
     /// Generations still streaming.
@@ -175,6 +204,7 @@ impl Accepted {
         span: Span,
         metrics: RequestMetrics,
         guard: InFlightGuard,
+        breaker: Arc<Breaker>,
     ) -> ResponseStream {
         ResponseStream {
             events: self.events,
@@ -188,6 +218,7 @@ impl Accepted {
             done: false,
             span,
             metrics,
+            breaker,
             _guard: guard,
         }
     }
@@ -225,6 +256,7 @@ pub struct ResponseStream {
     span: Span,
     /// Recorded once, when the request ends (on drop, if it had not).
     metrics: RequestMetrics,
+    breaker: Arc<Breaker>,
     _guard: InFlightGuard,
 }
 
@@ -243,6 +275,7 @@ impl ResponseStream {
     /// Ends the stream with `err`, recorded on the span.
     fn fail(&mut self, err: ServerError) -> ServerError {
         self.done = true;
+        self.breaker.failure(&err);
         span::record_error(&self.span, &err);
         self.metrics.failed(&err);
         err
@@ -346,6 +379,7 @@ impl Stream for ResponseStream {
         self.metrics.streamed(chunk.token_ids.len());
         if let Some(f) = &finish {
             span::record_finish(&self.span, f);
+            self.breaker.success();
             self.metrics.finished(f);
         }
         self.done = finish.is_some();

@@ -1,6 +1,7 @@
 //! The request side: validation, the transport-independent generate call
 //! (shared by gRPC and NATS), and the gRPC service.
 
+pub mod breaker;
 pub mod generate;
 pub mod limits;
 pub mod metrics;

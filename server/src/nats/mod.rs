@@ -36,7 +36,7 @@ pub enum Phase {
 pub struct Consumer {
     client: torchwire_nats::async_nats::Client,
     consumer: jetstream::consumer::PullConsumer,
-    config: NatsConfig,
+    config: Arc<NatsConfig>,
 }
 
 impl Consumer {
@@ -52,12 +52,13 @@ impl Consumer {
         Ok(Self {
             client,
             consumer,
-            config: config.clone(),
+            config: Arc::new(config.clone()),
         })
     }
 
-    /// Pulls and serves requests until the phase leaves `Running`, then
-    /// waits for the workers (which nak their message on `Abort`).
+    /// Pulls and serves requests until the phase leaves `Running` or the
+    /// engine breaker trips, then waits for the workers (which nak their
+    /// message on `Abort`).
     pub async fn run(self, generator: Generator, phase: watch::Receiver<Phase>) {
         // At most one message per batch slot of every model is held at once.
         let capacity: usize = generator
@@ -68,13 +69,15 @@ impl Consumer {
         let permits = Arc::new(Semaphore::new(capacity));
         let mut workers = JoinSet::new();
         let mut stop = phase.clone();
-        while *stop.borrow() == Phase::Running {
+        let breaker = generator.clone();
+        while *stop.borrow() == Phase::Running && !breaker.breaker().is_tripped() {
             while workers.try_join_next().is_some() {}
             let free = permits.available_permits().min(free_slots(&generator));
             if free == 0 {
                 tokio::select! {
                     _ = tokio::time::sleep(RETRY_PAUSE) => {}
                     _ = stop.changed() => {}
+                    _ = breaker.breaker().tripped() => {}
                 }
                 continue;
             }
@@ -109,7 +112,7 @@ impl Consumer {
                         let worker = worker::Worker {
                             client: self.client.clone(),
                             generator: generator.clone(),
-                            ack_wait: self.config.ack_wait(),
+                            config: self.config.clone(),
                             phase: phase.clone(),
                         };
                         workers.spawn(async move {

@@ -3,15 +3,18 @@
 //! settle it: ack after the final response, term for a request that can
 //! never succeed, nak for one that could succeed elsewhere or later.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::watch;
 use torchwire_nats::async_nats::jetstream::{self, AckKind};
 use torchwire_nats::async_nats::{self, HeaderMap};
-use torchwire_nats::{codec, headers, Encoding};
+use torchwire_nats::{codec, headers, Encoding, NatsConfig, NatsError};
 use torchwire_proto::v1 as pb;
+use torchwire_telemetry::opentelemetry::metrics::Counter;
 use torchwire_telemetry::opentelemetry::propagation::Extractor;
+use torchwire_telemetry::opentelemetry::{global, KeyValue};
 
 use super::Phase;
 use crate::api::metrics::RequestMetrics;
@@ -23,29 +26,69 @@ use crate::error::ServerError;
 /// (1 = first), so subscribers recognise a redelivered request.
 pub const DELIVERY: &str = "Torchwire-Delivery";
 
+/// Counter of work-queue messages by how they were settled.
+pub const MESSAGES: &str = "torchwire.nats.messages";
+const OUTCOME: &str = "torchwire.nats.outcome";
+
 /// Delay before a request refused for load is offered again.
 const OVERLOAD_RETRY: Duration = Duration::from_millis(200);
 
 pub struct Worker {
     pub client: async_nats::Client,
     pub generator: Generator,
-    pub ack_wait: Duration,
+    pub config: Arc<NatsConfig>,
     pub phase: watch::Receiver<Phase>,
 }
 
 /// How a message is settled once its work is over.
 enum Settle {
+    /// Answered (final response published): remove it.
     Ack,
+    /// Answered with a final error: never deliver it again.
     Term,
+    /// No final answer was possible: never deliver it again.
+    Unanswerable,
+    /// Offer it again, to this or another replica, after the delay.
     Nak(Option<Duration>),
+}
+
+impl Settle {
+    fn outcome(&self) -> &'static str {
+        match self {
+            Self::Ack => "acked",
+            Self::Term => "terminated",
+            Self::Unanswerable => "unanswerable",
+            Self::Nak(_) => "retried",
+        }
+    }
+}
+
+fn messages_counter() -> &'static Counter<u64> {
+    static COUNTER: OnceLock<Counter<u64>> = OnceLock::new();
+    COUNTER.get_or_init(|| {
+        global::meter("torchwire-server")
+            .u64_counter(MESSAGES)
+            .with_unit("{message}")
+            .with_description("Work-queue messages settled, by outcome")
+            .build()
+    })
+}
+
+/// A value from a message that is refused, as an INVALID_ARGUMENT naming it.
+fn invalid(err: NatsError) -> ServerError {
+    match err {
+        NatsError::Invalid { what, reason } => ServerError::invalid(what, reason),
+        other => ServerError::invalid("message", other.to_string()),
+    }
 }
 
 impl Worker {
     pub async fn serve(mut self, msg: jetstream::Message) {
         let settle = self.handle(&msg).await;
+        messages_counter().add(1, &[KeyValue::new(OUTCOME, settle.outcome())]);
         let result = match settle {
             Settle::Ack => msg.double_ack().await,
-            Settle::Term => msg.ack_with(AckKind::Term).await,
+            Settle::Term | Settle::Unanswerable => msg.ack_with(AckKind::Term).await,
             Settle::Nak(delay) => msg.ack_with(AckKind::Nak(delay)).await,
         };
         if let Err(e) = result {
@@ -62,39 +105,53 @@ impl Worker {
         let span = request_span(transport, &NatsHeaders(msg.headers.as_ref()));
         let encoding = Encoding::from_headers(msg.headers.as_ref());
         let delivery = msg.info().map(|i| i.delivered).unwrap_or(1);
-        let header = |name: &str| {
-            msg.headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_string())
+        let reply_to = match headers::reply_subject(
+            msg.headers.as_ref(),
+            self.config.reply_prefix.as_deref(),
+            &self.config.subject,
+        ) {
+            Ok(subject) => subject,
+            Err(e) => {
+                // No final answer can reach the publisher: retrying cannot help.
+                tracing::warn!(subject = %msg.subject, error = %e, "NATS: request cannot be answered; terminated");
+                let err = invalid(e);
+                span::record_error(&span, &err);
+                metrics.failed(&err);
+                return Settle::Unanswerable;
+            }
         };
-        let Some(reply_to) = header(headers::REPLY_TO).filter(|s| !s.is_empty()) else {
-            tracing::warn!(subject = %msg.subject, "NATS: request without a {} header; terminated", headers::REPLY_TO);
-            let err = ServerError::invalid("message", format!("no {} header", headers::REPLY_TO));
-            span::record_error(&span, &err);
-            metrics.failed(&err);
-            return Settle::Term;
-        };
-        let header_id = header(headers::REQUEST_ID).unwrap_or_default();
         let mut out = Publisher {
             client: &self.client,
             reply_to,
             encoding,
-            request_id: header_id.clone(),
+            request_id: String::new(),
             delivery,
+            last_delivery: delivery >= self.config.max_deliver,
             seq: 0,
         };
-
+        let refuse = |err: ServerError| {
+            span::record_error(&span, &err);
+            metrics.failed(&err);
+            err
+        };
+        // Until the ids are checked, responses carry none: no header injection.
+        let header_id = match headers::request_id(msg.headers.as_ref()) {
+            Ok(id) => id.unwrap_or_default(),
+            Err(e) => return out.reject(refuse(invalid(e))).await,
+        };
         let mut request = match codec::decode_request(&msg.payload, encoding) {
             Ok(r) => r,
             Err(e) => {
-                let err = ServerError::invalid("message", e.to_string());
-                span::record_error(&span, &err);
-                metrics.failed(&err);
-                out.error(&err).await;
-                return Settle::Term;
+                out.request_id = header_id;
+                return out
+                    .reject(refuse(ServerError::invalid("message", e.to_string())))
+                    .await;
             }
         };
+        if let Err(e) = headers::check_request_id("request_id", &request.request_id) {
+            out.request_id = header_id;
+            return out.reject(refuse(invalid(e))).await;
+        }
         if request.request_id.is_empty() {
             request.request_id = header_id;
         }
@@ -103,15 +160,30 @@ impl Worker {
         if delivery > 1 {
             tracing::info!(request_id = %request.request_id, delivery, "NATS: redelivered request");
         }
+        if self.generator.breaker().is_tripped() {
+            // Pulled just before this replica took itself out of service.
+            return out.retry(refuse(ServerError::ShuttingDown), None).await;
+        }
+        let backoff = self.config.retry_delay(delivery);
         let mut stream = match self.generator.generate(&request, span, metrics).await {
             Ok(s) => s,
-            Err(e) => return out.refused(e).await,
+            Err(e) => {
+                return match e {
+                    ServerError::Overloaded { .. } => out.retry(e, Some(OVERLOAD_RETRY)).await,
+                    ServerError::ShuttingDown => out.retry(e, None).await,
+                    // Left for a replica that serves the model (or whose engine works).
+                    ServerError::ModelNotFound(_) | ServerError::EngineStopped(_) => {
+                        out.retry(e, Some(backoff)).await
+                    }
+                    other => out.reject(other).await,
+                };
+            }
         };
         out.request_id = stream.request_id().to_string();
 
         // Progress acks well inside ack_wait, so a long generation never expires.
         let mut progress =
-            tokio::time::interval((self.ack_wait / 3).max(Duration::from_millis(100)));
+            tokio::time::interval((self.config.ack_wait() / 3).max(Duration::from_millis(100)));
         progress.tick().await;
         loop {
             tokio::select! {
@@ -123,8 +195,13 @@ impl Worker {
                             return if out.flush().await { Settle::Ack } else { Settle::Nak(None) };
                         }
                     }
-                    Some(Err(e)) => return out.failed(e).await,
-                    None => return Settle::Nak(None),
+                    // Generation failed midway (e.g. out of memory): another
+                    // replica may do better, later; max_deliver bounds the tries.
+                    Some(Err(e)) => return out.retry(e, Some(backoff)).await,
+                    None => {
+                        let e = ServerError::EngineStopped(self.generator.models().default_name().to_string());
+                        return out.retry(e, Some(backoff)).await;
+                    }
                 },
                 _ = progress.tick() => {
                     if let Err(e) = msg.ack_with(AckKind::Progress).await {
@@ -133,7 +210,7 @@ impl Worker {
                 }
                 () = aborted(&mut self.phase) => {
                     tracing::warn!(request_id = %out.request_id, "NATS: grace period over; request given back to the queue");
-                    return Settle::Nak(None);
+                    return out.retry(ServerError::ShuttingDown, None).await;
                 }
             }
         }
@@ -171,6 +248,9 @@ struct Publisher<'a> {
     encoding: Encoding,
     request_id: String,
     delivery: i64,
+    /// This is the consumer's last delivery (max_deliver): nothing may be
+    /// given back, every outcome is final.
+    last_delivery: bool,
     seq: u64,
 }
 
@@ -198,11 +278,15 @@ impl Publisher<'_> {
     /// Publishes a final error response.
     async fn error(&mut self, err: &ServerError) {
         tracing::info!(request_id = %self.request_id, code = ?err.code(), error = %err, "NATS: request failed");
+        self.send_error(err.code(), err.to_string()).await;
+    }
+
+    async fn send_error(&mut self, code: tonic::Code, message: String) {
         let response = pb::GenerateResponse {
             request_id: self.request_id.clone(),
             error: Some(pb::Error {
-                code: err.code() as i32,
-                message: err.to_string(),
+                code: code as i32,
+                message,
             }),
             ..Default::default()
         };
@@ -210,24 +294,31 @@ impl Publisher<'_> {
         self.flush().await;
     }
 
-    /// The request was not accepted: load and shutdown are retried (elsewhere
-    /// or later); anything else is the request's own fault and final.
-    async fn refused(&mut self, err: ServerError) -> Settle {
-        match err {
-            ServerError::Overloaded { .. } => Settle::Nak(Some(OVERLOAD_RETRY)),
-            ServerError::ShuttingDown | ServerError::EngineStopped(_) => Settle::Nak(None),
-            other => {
-                self.error(&other).await;
-                Settle::Term
-            }
-        }
+    /// The request can never succeed: a final error, and the message is
+    /// terminated.
+    async fn reject(&mut self, err: ServerError) -> Settle {
+        self.error(&err).await;
+        Settle::Term
     }
 
-    /// Generation failed midway (e.g. out of memory): another replica may do
-    /// better, and max_deliver bounds the retries.
-    async fn failed(&mut self, err: ServerError) -> Settle {
-        tracing::warn!(request_id = %self.request_id, error = %err, "NATS: generation failed; request given back");
-        Settle::Nak(None)
+    /// The request may succeed elsewhere or later: give it back after
+    /// `delay`, unless this was its last delivery; then the publisher gets
+    /// `err` as the final answer and the message is terminated.
+    async fn retry(&mut self, err: ServerError, delay: Option<Duration>) -> Settle {
+        if !self.last_delivery {
+            tracing::warn!(request_id = %self.request_id, delivery = self.delivery, retry_in_ms = delay.map(|d| d.as_millis() as u64),
+                error = %err, "NATS: request given back to the queue");
+            return Settle::Nak(delay);
+        }
+        tracing::warn!(request_id = %self.request_id, delivery = self.delivery, error = %err,
+            "NATS: last delivery (nats.max_deliver) failed; answering with the error");
+        let code = err.code();
+        let message = format!(
+            "{err} (gave up after {} deliveries, nats.max_deliver)",
+            self.delivery
+        );
+        self.send_error(code, message).await;
+        Settle::Term
     }
 
     async fn flush(&self) -> bool {
