@@ -14,8 +14,8 @@ use tokio::sync::{mpsc, Notify};
 use torchwire_proto::v1 as pb;
 use tracing::Span;
 
-use super::limits::LimitsConfig;
 use super::breaker::Breaker;
+use super::limits::LimitsConfig;
 use super::metrics::RequestMetrics;
 use super::models::Models;
 use super::{span, validate};
