@@ -123,7 +123,8 @@ pub struct Cli {
     /// Requests that may wait for a batch slot (config: models.<name>.queue_size).
     #[arg(long)]
     pub queue_size: Option<u32>,
-    /// Torch intra-op threads (config: threads; default: all cores).
+    /// Torch intra-op threads (config: threads; default: the CPUs the process may
+    /// use: its affinity mask and cgroup CPU quota).
     #[arg(long)]
     pub threads: Option<u32>,
     /// Seconds streams in flight may take to finish on shutdown (config: shutdown_grace_secs).
@@ -172,7 +173,8 @@ pub struct Config {
     pub default_model: Option<String>,
     /// Models to serve, by name.
     pub models: BTreeMap<String, ModelConfig>,
-    /// Torch intra-op threads; unset = all cores.
+    /// Torch intra-op threads; unset = the CPUs the process may use (affinity
+    /// mask and cgroup CPU quota, e.g. a Kubernetes CPU limit).
     pub threads: Option<u32>,
     /// Seconds in-flight streams get to finish after SIGTERM/SIGINT.
     pub shutdown_grace_secs: u64,

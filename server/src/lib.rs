@@ -10,3 +10,4 @@ pub mod fault;
 pub mod model;
 pub mod nats;
 pub mod security;
+pub mod threads;

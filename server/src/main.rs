@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use torchwire_server::config::{Cli, Config};
-use torchwire_server::{app, model};
+use torchwire_server::{app, model, threads};
 
 /// Exit status for a bad configuration (EX_USAGE), as linkerd does.
 const EXIT_CONFIG: u8 = 64;
@@ -37,13 +37,19 @@ fn main() -> ExitCode {
         )
     };
     let cuda = model::load_cuda_runtime();
-    if let Some(threads) = config.threads {
-        tch::set_num_threads(threads as i32);
-    }
+    // libtorch would default to every core of the host, ignoring a CPU
+    // limit: default to the CPUs this process may really use.
+    let cpus = threads::CpuBudget::current();
+    let threads = config
+        .threads
+        .map_or_else(|| cpus.default_threads(), |t| t as usize);
+    tch::set_num_threads(threads as i32);
     tracing::info!(
         cuda_runtime = cuda,
         cuda_available = tch::Cuda::is_available(),
         threads = tch::get_num_threads(),
+        usable_cpus = cpus.usable,
+        online_cpus = cpus.online,
         "starting"
     );
     let code = match runtime.block_on(app::run(config, shutdown_signal())) {
