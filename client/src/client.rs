@@ -13,8 +13,9 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use torchwire_proto::v1::inference_client::InferenceClient;
 use torchwire_proto::v1::{
-    GenerateRequest, GenerateResponse, GetStatsRequest, GetStatsResponse, ListModelsRequest,
-    ListModelsResponse, TokenizeRequest, TokenizeResponse,
+    ChatRequest, DeleteSessionRequest, DeleteSessionResponse, GenerateRequest, GenerateResponse,
+    GetSessionRequest, GetSessionResponse, GetStatsRequest, GetStatsResponse, ListModelsRequest,
+    ListModelsResponse, RenderChatRequest, RenderChatResponse, TokenizeRequest, TokenizeResponse,
 };
 
 use crate::{Error, Header};
@@ -164,6 +165,63 @@ impl Client {
     pub async fn complete(&self, request: GenerateRequest) -> Result<GenerateResponse, Error> {
         let request = self.request(request);
         Ok(self.inference.clone().complete(request).await?.into_inner())
+    }
+
+    /// Starts a chat turn; the answer streams as in [`Client::generate`].
+    pub async fn chat(&self, request: ChatRequest) -> Result<Streaming<GenerateResponse>, Error> {
+        let request = self.request(request);
+        Ok(self.inference.clone().chat(request).await?.into_inner())
+    }
+
+    /// Runs a chat turn to the end and returns the answer as one message.
+    pub async fn chat_complete(&self, request: ChatRequest) -> Result<GenerateResponse, Error> {
+        let request = self.request(request);
+        Ok(self
+            .inference
+            .clone()
+            .chat_complete(request)
+            .await?
+            .into_inner())
+    }
+
+    /// The prompt (and its token count) the model would see for a chat.
+    pub async fn render_chat(
+        &self,
+        request: RenderChatRequest,
+    ) -> Result<RenderChatResponse, Error> {
+        let request = self.request(request);
+        Ok(self
+            .inference
+            .clone()
+            .render_chat(request)
+            .await?
+            .into_inner())
+    }
+
+    /// A stored conversation.
+    pub async fn get_session(&self, session_id: &str) -> Result<GetSessionResponse, Error> {
+        let request = self.request(GetSessionRequest {
+            session_id: session_id.to_string(),
+        });
+        Ok(self
+            .inference
+            .clone()
+            .get_session(request)
+            .await?
+            .into_inner())
+    }
+
+    /// Forgets a stored conversation.
+    pub async fn delete_session(&self, session_id: &str) -> Result<DeleteSessionResponse, Error> {
+        let request = self.request(DeleteSessionRequest {
+            session_id: session_id.to_string(),
+        });
+        Ok(self
+            .inference
+            .clone()
+            .delete_session(request)
+            .await?
+            .into_inner())
     }
 
     /// The models the server has loaded.

@@ -41,4 +41,28 @@ mod tests {
         assert_eq!(req.max_new_tokens, Some(3));
         assert!(req.ignore_eos);
     }
+
+    #[test]
+    fn generate_request_reads_nested_options_json() {
+        let req: GenerateRequest = serde_json::from_str(
+            r#"{"prompt":"hi","options":{"max_new_tokens":4,"seed":"3","stop":["x"]}}"#,
+        )
+        .unwrap();
+        let options = req.options.unwrap();
+        assert_eq!(options.max_new_tokens, Some(4));
+        assert_eq!(options.seed, Some(3));
+        assert_eq!(req.max_new_tokens, None);
+    }
+
+    #[test]
+    fn chat_request_reads_json() {
+        let req: super::v1::ChatRequest = serde_json::from_str(
+            r#"{"messages":[{"role":"user","content":"hi","name":"ann"}],
+                "sessionId":"s1","sessionMode":"SESSION_MODE_CONTINUE"}"#,
+        )
+        .unwrap();
+        assert_eq!(req.messages[0].name.as_deref(), Some("ann"));
+        assert_eq!(req.messages[0].tool_call_id, None);
+        assert_eq!(req.session_mode(), super::v1::SessionMode::Continue);
+    }
 }

@@ -203,4 +203,35 @@ impl Inference for LateInference {
     ) -> Result<tonic::Response<torchwire_proto::v1::GetStatsResponse>, tonic::Status> {
         self.service()?.get_stats(r).await
     }
+    type ChatStream = <InferenceService as Inference>::ChatStream;
+    async fn chat(
+        &self,
+        r: tonic::Request<torchwire_proto::v1::ChatRequest>,
+    ) -> Result<tonic::Response<Self::ChatStream>, tonic::Status> {
+        self.service()?.chat(r).await
+    }
+    async fn chat_complete(
+        &self,
+        r: tonic::Request<torchwire_proto::v1::ChatRequest>,
+    ) -> Result<tonic::Response<torchwire_proto::v1::GenerateResponse>, tonic::Status> {
+        self.service()?.chat_complete(r).await
+    }
+    async fn render_chat(
+        &self,
+        r: tonic::Request<torchwire_proto::v1::RenderChatRequest>,
+    ) -> Result<tonic::Response<torchwire_proto::v1::RenderChatResponse>, tonic::Status> {
+        self.service()?.render_chat(r).await
+    }
+    async fn get_session(
+        &self,
+        r: tonic::Request<torchwire_proto::v1::GetSessionRequest>,
+    ) -> Result<tonic::Response<torchwire_proto::v1::GetSessionResponse>, tonic::Status> {
+        self.service()?.get_session(r).await
+    }
+    async fn delete_session(
+        &self,
+        r: tonic::Request<torchwire_proto::v1::DeleteSessionRequest>,
+    ) -> Result<tonic::Response<torchwire_proto::v1::DeleteSessionResponse>, tonic::Status> {
+        self.service()?.delete_session(r).await
+    }
 }

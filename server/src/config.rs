@@ -247,6 +247,9 @@ pub struct ModelConfig {
     pub queue_size: u32,
     /// max_new_tokens when a request leaves it unset.
     pub default_max_new_tokens: u32,
+    /// A chat template file (Jinja) used instead of the model's own; a
+    /// relative path is read from the model directory.
+    pub chat_template: Option<PathBuf>,
 }
 
 impl Default for ModelConfig {
@@ -262,6 +265,7 @@ impl Default for ModelConfig {
             prefix_cache_mib: DEFAULT_PREFIX_CACHE_MIB,
             queue_size: 64,
             default_max_new_tokens: 128,
+            chat_template: None,
         }
     }
 }

@@ -1,5 +1,7 @@
 //! The server's one error type, and its single mapping to a gRPC status.
 
+use std::borrow::Cow;
+
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -9,12 +11,12 @@ pub enum ServerError {
     /// The request is malformed; `field` names the offending request field.
     #[error("{field}: {message}")]
     InvalidArgument {
-        field: &'static str,
+        field: Cow<'static, str>,
         message: String,
     },
     /// Several request fields are malformed at once, each with its reason.
     #[error("{}", .0.iter().map(|(f, m)| format!("{f}: {m}")).collect::<Vec<_>>().join("; "))]
-    InvalidArguments(Vec<(&'static str, String)>),
+    InvalidArguments(Vec<(Cow<'static, str>, String)>),
     /// The request waited for its first token longer than the server allows.
     #[error("the request waited {waited_ms} ms in the queue of model {model:?}, longer than the {limit_ms} ms allowed; retry later or elsewhere")]
     QueueTimeout {
@@ -44,6 +46,12 @@ pub enum ServerError {
         path: String,
         message: String,
     },
+    /// The model cannot chat (it has no usable chat template); says why.
+    #[error("{0}")]
+    NoChatTemplate(String),
+    /// The model's chat template failed to render (not a refusal of the input).
+    #[error("the chat template of model {model:?} failed: {message}")]
+    ChatTemplate { model: String, message: String },
     /// A configuration value is invalid; `key` names it.
     #[error("config {key}: {message}")]
     Config { key: String, message: String },
@@ -51,9 +59,9 @@ pub enum ServerError {
 
 impl ServerError {
     /// Shorthand for [`ServerError::InvalidArgument`].
-    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+    pub fn invalid(field: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
         Self::InvalidArgument {
-            field,
+            field: field.into(),
             message: message.into(),
         }
     }
@@ -73,6 +81,8 @@ impl ServerError {
             Self::ModelNotFound(_) => Code::NotFound,
             Self::Overloaded { .. } | Self::QueueTimeout { .. } => Code::ResourceExhausted,
             Self::ShuttingDown | Self::EngineStopped(_) => Code::Unavailable,
+            Self::NoChatTemplate(_) => Code::FailedPrecondition,
+            Self::ChatTemplate { .. } => Code::Internal,
             Self::Compute { .. } | Self::Load { .. } | Self::Config { .. } => Code::Internal,
         }
     }
@@ -80,10 +90,13 @@ impl ServerError {
 
 impl ServerError {
     /// The request fields at fault and why, for `google.rpc.BadRequest`.
-    pub fn field_violations(&self) -> Vec<(&'static str, &str)> {
+    pub fn field_violations(&self) -> Vec<(&str, &str)> {
         match self {
-            Self::InvalidArgument { field, message } => vec![(*field, message.as_str())],
-            Self::InvalidArguments(all) => all.iter().map(|(f, m)| (*f, m.as_str())).collect(),
+            Self::InvalidArgument { field, message } => vec![(field.as_ref(), message.as_str())],
+            Self::InvalidArguments(all) => all
+                .iter()
+                .map(|(f, m)| (f.as_ref(), m.as_str()))
+                .collect(),
             _ => Vec::new(),
         }
     }
@@ -133,8 +146,8 @@ mod tests {
     #[test]
     fn invalid_arguments_carry_a_bad_request_per_field() {
         let status = Status::from(ServerError::InvalidArguments(vec![
-            ("top_p", "must be in (0, 1]".into()),
-            ("min_p", "must be in [0, 1]".into()),
+            ("top_p".into(), "must be in (0, 1]".into()),
+            ("min_p".into(), "must be in [0, 1]".into()),
         ]));
         assert_eq!(status.code(), Code::InvalidArgument);
         assert!(status.message().contains("top_p: ") && status.message().contains("min_p: "));

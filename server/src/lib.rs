@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod app;
+pub mod chat;
 pub mod config;
 pub mod engine;
 pub mod error;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use torchwire_client::proto::{FinishReason, GenerateRequest, GenerateResponse};
+use torchwire_client::proto::{FinishReason, GenerateRequest, GenerateResponse, GenerationOptions};
 use torchwire_client::Client;
 
 #[derive(Debug, Args)]
@@ -16,6 +16,23 @@ pub struct GenerateArgs {
     /// Model name (default: the server's default model).
     #[arg(long, default_value = "", hide_default_value = true)]
     model: String,
+    #[command(flatten)]
+    options: OptionsArgs,
+    /// Request id echoed on every response (default: the server makes one).
+    #[arg(long, default_value = "", hide_default_value = true)]
+    request_id: String,
+    /// Print each response message as one line of canonical protobuf JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// No summary on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// The generation options, shared by `generate` and `chat`.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Generation")]
+pub struct OptionsArgs {
     /// Tokens to generate at most (default: the server's).
     #[arg(long)]
     max_new_tokens: Option<u32>,
@@ -46,24 +63,12 @@ pub struct GenerateArgs {
     /// Return this many top alternatives (and the chosen token's logprob) per token.
     #[arg(long, default_value_t = 0)]
     logprobs: u32,
-    /// Request id echoed on every response (default: the server makes one).
-    #[arg(long, default_value = "", hide_default_value = true)]
-    request_id: String,
-    /// Print each response message as one line of canonical protobuf JSON.
-    #[arg(long)]
-    pub json: bool,
-    /// No summary on stderr.
-    #[arg(long, short)]
-    pub quiet: bool,
 }
 
-impl GenerateArgs {
-    /// The request these flags describe, for `prompt`.
-    pub fn request(&self, prompt: String) -> GenerateRequest {
-        GenerateRequest {
-            model: self.model.clone(),
-            prompt,
-            request_id: self.request_id.clone(),
+impl OptionsArgs {
+    /// The options these flags describe.
+    pub fn options(&self) -> GenerationOptions {
+        GenerationOptions {
             max_new_tokens: self.max_new_tokens,
             temperature: self.temperature,
             top_k: self.top_k,
@@ -74,6 +79,30 @@ impl GenerateArgs {
             stop: self.stop.clone(),
             ignore_eos: self.ignore_eos,
             logprobs: self.logprobs,
+        }
+    }
+}
+
+impl GenerateArgs {
+    /// The request these flags describe, for `prompt`. The options travel
+    /// in the flat fields, which every server version reads.
+    pub fn request(&self, prompt: String) -> GenerateRequest {
+        let o = self.options.options();
+        GenerateRequest {
+            model: self.model.clone(),
+            prompt,
+            request_id: self.request_id.clone(),
+            max_new_tokens: o.max_new_tokens,
+            temperature: o.temperature,
+            top_k: o.top_k,
+            top_p: o.top_p,
+            min_p: o.min_p,
+            repetition_penalty: o.repetition_penalty,
+            seed: o.seed,
+            stop: o.stop,
+            ignore_eos: o.ignore_eos,
+            logprobs: o.logprobs,
+            options: None,
         }
     }
 }

@@ -2,6 +2,7 @@
 //! and how errors become messages and exit codes.
 
 mod bench;
+mod chat;
 mod generate;
 mod info;
 mod publish;
@@ -142,6 +143,9 @@ impl std::fmt::Debug for Token {
 enum Command {
     /// Generate text, streaming it to stdout as tokens arrive.
     Generate(generate::GenerateArgs),
+    /// Hold a conversation: the model's chat template, answers streamed;
+    /// `--messages FILE` for one scripted turn.
+    Chat(chat::ChatArgs),
     /// List the models the server has loaded.
     Models(info::ModelsArgs),
     /// Show the token ids of a text, as the model's tokenizer splits it.
@@ -164,6 +168,7 @@ impl Cli {
         let conn = &self.connection;
         match self.command {
             Command::Generate(args) => generate::run(&conn.connect().await?, args).await,
+            Command::Chat(args) => chat::run(&conn.connect().await?, args).await,
             Command::Models(args) => info::models(&conn.connect().await?, args).await,
             Command::Tokenize(args) => info::tokenize(&conn.connect().await?, args).await,
             Command::Health(args) => info::health(conn, args).await,

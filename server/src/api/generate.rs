@@ -20,6 +20,7 @@ use super::metrics::RequestMetrics;
 use super::models::Models;
 use super::{span, validate};
 use crate::engine::request::{Chunk, Event, Finish, FinishReason};
+use crate::engine::Engine;
 use crate::error::ServerError;
 use crate::fault::{self, Fault};
 
@@ -86,7 +87,19 @@ impl Generator {
         span: Span,
         mut metrics: RequestMetrics,
     ) -> Result<ResponseStream, ServerError> {
-        match self.accept(req, &span, &mut metrics).await {
+        let accepted = self.accept(req, &span, &mut metrics).await;
+        self.stream(accepted, span, metrics)
+    }
+
+    /// The stream of an accepted request, or its refusal recorded on the
+    /// span and the metrics.
+    pub(crate) fn stream(
+        &self,
+        accepted: Result<Accepted, ServerError>,
+        span: Span,
+        metrics: RequestMetrics,
+    ) -> Result<ResponseStream, ServerError> {
+        match accepted {
             Ok(parts) => Ok(parts.into_stream(
                 span,
                 metrics,
@@ -108,34 +121,58 @@ impl Generator {
         span: &Span,
         metrics: &mut RequestMetrics,
     ) -> Result<Accepted, ServerError> {
-        if self.draining.load(Ordering::SeqCst) {
-            return Err(ServerError::ShuttingDown);
-        }
-        let request_id = if req.request_id.is_empty() {
-            uuid::Uuid::new_v4().to_string()
-        } else {
-            req.request_id.clone()
-        };
-        span.record("torchwire.request_id", request_id.as_str());
-        let engine = self.models.get(&req.model)?;
-        metrics.model(&engine.info.name);
+        let (engine, request_id) = self.begin(&req.model, &req.request_id, span, metrics)?;
         let max_prompt_bytes = self.limits.prompt_bytes(engine.info.context_length);
         let checked = validate::check(req, max_prompt_bytes)?;
         let prompt =
             validate::tokenize(engine.tokenizer.clone(), "prompt", req.prompt.clone(), true)
                 .await?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let job = validate::job(
-            req,
-            checked,
-            prompt.get_ids().to_vec(),
-            &engine.info,
-            request_id.clone(),
-            tx,
-        )?;
-        let arrived = job.arrived;
+        let prompt = validate::Prompt {
+            ids: prompt.get_ids().to_vec(),
+            field: "prompt",
+            what: "is",
+        };
         // Prompts are user data: only at debug level, never on the span.
-        tracing::debug!(request_id = %request_id, model = %engine.info.name, prompt = %req.prompt, prompt_tokens = job.prompt_ids.len(), "request accepted");
+        tracing::debug!(request_id = %request_id, model = %engine.info.name, prompt = %req.prompt, prompt_tokens = prompt.ids.len(), "request accepted");
+        self.submit(engine, checked, prompt, request_id, span, metrics)
+    }
+
+    /// Checks that requests are taken, and picks the model and the request id.
+    pub(crate) fn begin(
+        &self,
+        model: &str,
+        request_id: &str,
+        span: &Span,
+        metrics: &mut RequestMetrics,
+    ) -> Result<(&Engine, String), ServerError> {
+        if self.draining.load(Ordering::SeqCst) {
+            return Err(ServerError::ShuttingDown);
+        }
+        let request_id = if request_id.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            request_id.to_string()
+        };
+        span.record("torchwire.request_id", request_id.as_str());
+        let engine = self.models.get(model)?;
+        metrics.model(&engine.info.name);
+        Ok((engine, request_id))
+    }
+
+    /// Builds the job of a checked request and its tokenized prompt, and
+    /// queues it on `engine`.
+    pub(crate) fn submit(
+        &self,
+        engine: &Engine,
+        checked: validate::Checked,
+        prompt: validate::Prompt,
+        request_id: String,
+        span: &Span,
+        metrics: &mut RequestMetrics,
+    ) -> Result<Accepted, ServerError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let job = validate::job(checked, prompt, &engine.info, request_id.clone(), tx)?;
+        let arrived = job.arrived;
         span::record_accepted(
             span,
             &request_id,
@@ -159,6 +196,11 @@ impl Generator {
             model: engine.info.name.clone(),
             queue_limit: self.limits.max_queue_wait().map(|limit| (arrived, limit)),
         })
+    }
+
+    /// Whether new requests are refused (the server is shutting down).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
     }
 
     /// Refuses new requests from now on (UNAVAILABLE).
@@ -190,7 +232,7 @@ impl Generator {
 }
 
 /// A queued request, before its stream exists.
-struct Accepted {
+pub(crate) struct Accepted {
     events: mpsc::UnboundedReceiver<Event>,
     request_id: String,
     model: String,

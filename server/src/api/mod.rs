@@ -2,6 +2,7 @@
 //! (shared by gRPC and NATS), and the gRPC service.
 
 pub mod breaker;
+pub mod chat;
 pub mod generate;
 pub mod limits;
 pub mod metrics;
@@ -10,6 +11,7 @@ pub mod service;
 pub mod span;
 pub mod validate;
 
+pub use chat::ChatTurn;
 pub use generate::{Generator, ResponseStream};
 pub use models::Models;
 pub use service::InferenceService;

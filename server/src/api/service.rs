@@ -8,7 +8,8 @@ use torchwire_proto::v1 as pb;
 use torchwire_proto::v1::inference_server::Inference;
 use torchwire_telemetry::GrpcMetadata;
 
-use super::generate::Generator;
+use super::chat::ChatTurn;
+use super::generate::{Generator, ResponseStream};
 use super::metrics::RequestMetrics;
 use super::span::{request_span, Transport};
 use super::validate;
@@ -55,24 +56,11 @@ impl Inference for InferenceService {
         let transport = Transport::Grpc { method: "Complete" };
         let metrics = RequestMetrics::new(transport);
         let span = request_span(transport, &GrpcMetadata(request.metadata()));
-        let mut stream = self
+        let stream = self
             .generator
             .generate(request.get_ref(), span, metrics)
             .await?;
-        let mut whole = pb::GenerateResponse::default();
-        while let Some(msg) = stream.next().await {
-            let msg = msg?;
-            whole.text.push_str(&msg.text);
-            whole.token_ids.extend(msg.token_ids);
-            whole.logprobs.extend(msg.logprobs);
-            whole.request_id = msg.request_id;
-            whole.model = msg.model;
-            whole.finish_reason = msg.finish_reason;
-            whole.stop_sequence = msg.stop_sequence;
-            whole.usage = msg.usage;
-            whole.timings = msg.timings;
-        }
-        Ok(Response::new(whole))
+        Ok(Response::new(collect(stream).await?))
     }
 
     async fn list_models(
@@ -110,7 +98,7 @@ impl Inference for InferenceService {
             .generator
             .limits()
             .prompt_bytes(engine.info.context_length);
-        validate::text_size("text", &req.text, max_bytes)?;
+        validate::text_size("text", req.text.len(), max_bytes)?;
         let encoding = validate::tokenize(
             engine.tokenizer.clone(),
             "text",
@@ -166,4 +154,98 @@ impl Inference for InferenceService {
             .collect();
         Ok(Response::new(pb::GetStatsResponse { models: stats }))
     }
+
+    type ChatStream = GenerateStream;
+
+    async fn chat(
+        &self,
+        request: Request<pb::ChatRequest>,
+    ) -> Result<Response<GenerateStream>, Status> {
+        let transport = Transport::Grpc { method: "Chat" };
+        let stream = self.chat_stream(request, transport).await?;
+        Ok(Response::new(Box::pin(
+            stream.map(|item| item.map_err(Status::from)),
+        )))
+    }
+
+    async fn chat_complete(
+        &self,
+        request: Request<pb::ChatRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
+        let transport = Transport::Grpc {
+            method: "ChatComplete",
+        };
+        let stream = self.chat_stream(request, transport).await?;
+        Ok(Response::new(collect(stream).await?))
+    }
+
+    async fn render_chat(
+        &self,
+        request: Request<pb::RenderChatRequest>,
+    ) -> Result<Response<pb::RenderChatResponse>, Status> {
+        let req = request.into_inner();
+        if !req.session_id.is_empty() {
+            return Err(Status::unimplemented("sessions are not implemented yet"));
+        }
+        let rendered = self.generator.render(&req.model, &req.messages).await?;
+        let model = self.generator.models().get(&req.model)?.info.name.clone();
+        Ok(Response::new(pb::RenderChatResponse {
+            prompt: rendered.prompt,
+            count: rendered.token_ids.len() as u32,
+            token_ids: rendered.token_ids,
+            model,
+        }))
+    }
+
+    async fn get_session(
+        &self,
+        _: Request<pb::GetSessionRequest>,
+    ) -> Result<Response<pb::GetSessionResponse>, Status> {
+        Err(Status::unimplemented("sessions are not implemented yet"))
+    }
+
+    async fn delete_session(
+        &self,
+        _: Request<pb::DeleteSessionRequest>,
+    ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
+        Err(Status::unimplemented("sessions are not implemented yet"))
+    }
+}
+
+impl InferenceService {
+    /// Starts a chat turn for Chat and ChatComplete.
+    async fn chat_stream(
+        &self,
+        request: Request<pb::ChatRequest>,
+        transport: Transport<'static>,
+    ) -> Result<ResponseStream, Status> {
+        let metrics = RequestMetrics::new(transport);
+        let span = request_span(transport, &GrpcMetadata(request.metadata()));
+        let req = request.into_inner();
+        if !req.session_id.is_empty() {
+            return Err(Status::unimplemented("sessions are not implemented yet"));
+        }
+        Ok(self
+            .generator
+            .chat(ChatTurn::of_request(&req), span, metrics)
+            .await?)
+    }
+}
+
+/// Gathers a whole generation into one message (Complete, ChatComplete).
+async fn collect(mut stream: ResponseStream) -> Result<pb::GenerateResponse, Status> {
+    let mut whole = pb::GenerateResponse::default();
+    while let Some(msg) = stream.next().await {
+        let msg = msg?;
+        whole.text.push_str(&msg.text);
+        whole.token_ids.extend(msg.token_ids);
+        whole.logprobs.extend(msg.logprobs);
+        whole.request_id = msg.request_id;
+        whole.model = msg.model;
+        whole.finish_reason = msg.finish_reason;
+        whole.stop_sequence = msg.stop_sequence;
+        whole.usage = msg.usage;
+        whole.timings = msg.timings;
+    }
+    Ok(whole)
 }

@@ -49,10 +49,12 @@ pub(crate) enum Command {
     Stop,
 }
 
-/// A running model: its queue, tokenizer and counters.
+/// A running model: its queue, tokenizer, chat template and counters.
 pub struct Engine {
     pub info: ModelInfo,
     pub tokenizer: Arc<tokenizers::Tokenizer>,
+    /// The chat template, or why Chat is refused for this model.
+    pub chat_template: crate::chat::ChatSupport,
     pub stats: Arc<Stats>,
     jobs: mpsc::Sender<Command>,
     /// Set to stop the model thread at its next step, ahead of the queue.
@@ -107,9 +109,24 @@ impl Engine {
         let (tokenizer, info) = ready_rx
             .await
             .map_err(|_| ServerError::EngineStopped(name.to_string()))??;
+        let (chat_name, chat_dir, chat_file) = (
+            name.to_string(),
+            config.path.clone(),
+            config.chat_template.clone(),
+        );
+        let chat_template = tokio::task::spawn_blocking(move || {
+            crate::chat::load_support(&chat_name, &chat_dir, chat_file.as_deref())
+        })
+        .await
+        .map_err(|e| ServerError::Load {
+            model: name.into(),
+            path: config.path.display().to_string(),
+            message: format!("loading the chat template: {e}"),
+        })??;
         Ok(Self {
             info,
             tokenizer,
+            chat_template,
             stats,
             jobs: jobs_tx,
             stop,
