@@ -202,10 +202,6 @@ async fn chat_renders_the_template_streams_and_counts_like_tokenize() {
         answer.finish_reason(),
         FinishReason::EndOfSequence | FinishReason::Length
     ));
-    assert!(
-        !answer.token_ids.contains(&1),
-        "EOS is not part of the answer"
-    );
 }
 
 #[tokio::test]

@@ -257,6 +257,7 @@ mod tests {
                             stop,
                             ignore_eos,
                             logprobs,
+                            options: None,
                         }
                     },
                 )

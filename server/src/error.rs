@@ -93,10 +93,9 @@ impl ServerError {
     pub fn field_violations(&self) -> Vec<(&str, &str)> {
         match self {
             Self::InvalidArgument { field, message } => vec![(field.as_ref(), message.as_str())],
-            Self::InvalidArguments(all) => all
-                .iter()
-                .map(|(f, m)| (f.as_ref(), m.as_str()))
-                .collect(),
+            Self::InvalidArguments(all) => {
+                all.iter().map(|(f, m)| (f.as_ref(), m.as_str())).collect()
+            }
             _ => Vec::new(),
         }
     }

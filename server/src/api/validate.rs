@@ -296,7 +296,12 @@ pub fn check_chat(
     let arrived = Instant::now();
     let mut bad = Violations::default();
     bad.check(text_size("messages", message_bytes, max_prompt_bytes));
-    let checked = check_options(request_id, Some(Options::nested(options)), arrived, &mut bad);
+    let checked = check_options(
+        request_id,
+        Some(Options::nested(options)),
+        arrived,
+        &mut bad,
+    );
     let Some(checked) = checked else {
         return bad.into_result(|| unreachable!("a check failed"));
     };
