@@ -133,7 +133,16 @@ async fn sixteen_concurrent_streams_complete_in_one_batch() {
             FinishReason::Length as i32
         );
     }
-    let s = stats(&mut c.clone()).await;
+    // A sequence leaves the batch (and the counters) just after its last
+    // message is sent, when its KV rows go to the prefix cache: wait for it.
+    let mut s = stats(&mut c.clone()).await;
+    for _ in 0..200 {
+        if s.running == 0 && s.requests_finished == 16 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        s = stats(&mut c.clone()).await;
+    }
     assert_eq!(s.requests_finished, 16);
     assert_eq!(
         s.peak_batch_size, 16,
