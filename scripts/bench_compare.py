@@ -142,7 +142,7 @@ class ServerProcess:
     def __init__(self, binary, args, log_path):
         self.log_file = open(log_path, "w")
         self.proc = subprocess.Popen(
-            [binary, "--listen", "127.0.0.1:0", *args],
+            [binary, "--listen", "127.0.0.1:0", "--admin-listen", "off", *args],
             stdout=subprocess.PIPE,
             stderr=self.log_file,
             stdin=subprocess.DEVNULL,

@@ -17,7 +17,7 @@ LONG="$(python3 -c 'print("The quick brown fox jumps over the lazy dog. " * 45)'
 
 run() {
   local name=$1 budget=$2
-  "$BIN/torchwire-server" --listen 127.0.0.1:0 --model "$MODEL" --threads 2 \
+  "$BIN/torchwire-server" --listen 127.0.0.1:0 --admin-listen off --model "$MODEL" --threads 2 \
     --max-prefill-tokens "$budget" > "$TMP/out" 2> "$TMP/err" &
   local pid=$!
   for _ in $(seq 80); do grep -q listening "$TMP/out" && break; sleep 0.25; done

@@ -2,11 +2,13 @@
 //! (built by cargo into the same target directory as the tests) and a real
 //! `nats-server`, each on a free port, and stops them on drop.
 
+mod admin;
 mod background;
 mod nats;
 mod pki;
 mod process;
 
+pub use admin::{http_get, http_status, HttpResponse, Metrics};
 pub use background::BackgroundGrpc;
 pub use nats::NatsServer;
 pub use pki::Pki;

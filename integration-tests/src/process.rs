@@ -4,7 +4,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use tonic::transport::Channel;
@@ -41,25 +41,52 @@ pub fn binary_path(name: &str) -> PathBuf {
 }
 
 /// A child process that is killed (SIGKILL) when dropped, with its stderr
-/// forwarded to the test's output.
+/// forwarded to the test's output (and kept, see [`stderr_lines`](Self::stderr_lines)).
 pub struct ChildProcess {
     child: Option<Child>,
     /// The address the process printed on its `listening on` line.
     pub addr: SocketAddr,
+    /// The admin HTTP port's address, from its `admin listening on` line.
+    pub admin: Option<SocketAddr>,
     /// Lines of stdout after the `listening on` line.
     pub stdout_lines: mpsc::Receiver<String>,
+    stderr: Arc<Mutex<Vec<String>>>,
 }
 
 impl ChildProcess {
     /// Spawns `binary args...` and waits for a stdout line
     /// `<binary> listening on <addr>`.
     pub fn spawn(binary: &str, args: &[String], envs: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let mut process = Self::start(binary, args, envs)?;
+        let marker = format!("{binary} listening on ");
+        let admin_marker = format!("{binary} admin listening on ");
+        let deadline = std::time::Instant::now() + START_TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match process.next_stdout_line(left) {
+                Some(line) => {
+                    if let Some(addr) = line.strip_prefix(&admin_marker) {
+                        process.admin = Some(addr.trim().parse()?);
+                    } else if let Some(addr) = line.strip_prefix(&marker) {
+                        process.addr = addr.trim().parse()?;
+                        return Ok(process);
+                    }
+                }
+                None => anyhow::bail!("{binary} did not print its address"),
+            }
+        }
+    }
+
+    /// Spawns `binary args...` without waiting for anything (`addr` is
+    /// unspecified): read its stdout with
+    /// [`next_stdout_line`](Self::next_stdout_line).
+    pub fn start(binary: &str, args: &[String], envs: &[(&str, &str)]) -> anyhow::Result<Self> {
         let mut cmd = Command::new(binary_path(binary));
         cmd.args(args)
             .current_dir(repo_root())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(Stdio::piped());
         // Only the variables a test passes: no TORCHWIRE_* (or OTEL_*, which
         // would export spans somewhere) from the shell.
         for (k, _) in std::env::vars() {
@@ -70,6 +97,12 @@ impl ChildProcess {
         // Many servers share two cores while the suite runs: idle OpenMP
         // threads must sleep rather than spin, or every server crawls.
         cmd.env("OMP_WAIT_POLICY", "PASSIVE");
+        // The admin port on a free port too (a test may set its own).
+        match binary {
+            "torchwire-server" => cmd.env("TORCHWIRE_ADMIN_LISTEN", "127.0.0.1:0"),
+            "torchwire-scaler" => cmd.env("TORCHWIRE_SCALER_ADMIN_LISTEN", "127.0.0.1:0"),
+            _ => &mut cmd,
+        };
         for (k, v) in envs {
             cmd.env(k, v);
         }
@@ -84,28 +117,39 @@ impl ChildProcess {
                 }
             }
         });
-        let marker = format!("{binary} listening on ");
-        let deadline = std::time::Instant::now() + START_TIMEOUT;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    if let Some(addr) = line.strip_prefix(&marker) {
-                        let addr = addr.trim().parse()?;
-                        return Ok(Self {
-                            child: Some(child),
-                            addr,
-                            stdout_lines: rx,
-                        });
-                    }
-                }
-                Err(_) => {
-                    let status = child.try_wait()?;
-                    let _ = child.kill();
-                    anyhow::bail!("{binary} did not print its address (exit status: {status:?})");
-                }
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let pipe = child.stderr.take().expect("piped stderr");
+        let kept = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("{line}");
+                kept.lock().expect("stderr lines").push(line);
             }
-        }
+        });
+        Ok(Self {
+            child: Some(child),
+            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+            admin: None,
+            stdout_lines: rx,
+            stderr,
+        })
+    }
+
+    /// The next line of stdout, waiting at most `timeout`; none once the
+    /// process closed it or the time is up.
+    pub fn next_stdout_line(&self, timeout: Duration) -> Option<String> {
+        self.stdout_lines.recv_timeout(timeout).ok()
+    }
+
+    /// Every line the process wrote to stderr so far.
+    pub fn stderr_lines(&self) -> Vec<String> {
+        self.stderr.lock().expect("stderr lines").clone()
+    }
+
+    /// The admin port's address; panics when the process printed none.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.expect("the process printed no admin address")
     }
 
     /// `http://addr`, for tonic clients.

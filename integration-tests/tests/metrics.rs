@@ -21,7 +21,9 @@ use opentelemetry_proto::tonic::common::v1::KeyValue;
 use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use opentelemetry_proto::tonic::metrics::v1::number_data_point;
 use tonic::service::Routes;
-use torchwire_integration_tests::{tagged_request as request, BackgroundGrpc, NatsServer, Server};
+use torchwire_integration_tests::{
+    tagged_request as request, BackgroundGrpc, Metrics, NatsServer, Server,
+};
 use torchwire_nats::{codec, headers, Encoding, NatsConfig};
 use torchwire_proto::v1::inference_client::InferenceClient;
 use torchwire_proto::v1::{GenerateRequest, GenerateResponse};
@@ -292,12 +294,42 @@ async fn grpc_requests_are_counted_timed_and_the_engine_is_observed() {
     );
     assert!(
         !collector
-            .series("torchwire.queue.waiting", &[("gen_ai.request.model", m)])
+            .series("inference_queue_length", &[("gen_ai.request.model", m)])
             .is_empty(),
         "queue gauge"
     );
     let services = collector.store.0.lock().unwrap().services.clone();
     assert_eq!(services, vec!["torchwire-server".to_string()]);
+
+    // The same instruments, scraped from the admin port in the Prometheus
+    // format, hold the same totals.
+    let scraped = Metrics::scrape(server.admin_addr()).await.unwrap();
+    let prom = |labels: &[(&str, &str)]| {
+        labels
+            .iter()
+            .map(|(k, v)| (k.replace('.', "_"), v.to_string()))
+            .collect::<Vec<_>>()
+    };
+    for (name, labels, otlp) in [
+        ("torchwire_requests_total", prom(&ok), 2.0),
+        ("torchwire_requests_total", prom(&failed), 1.0),
+        ("torchwire_tokens_total", prom(&output), 10.0),
+        (
+            "torchwire_tokens_total",
+            prom(&input),
+            f64::from(prompt_tokens),
+        ),
+    ] {
+        let labels: Vec<(&str, &str)> = labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(
+            scraped.value(name, &labels),
+            Some(otlp),
+            "{name} {labels:?}"
+        );
+    }
 }
 
 #[tokio::test]

@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::StreamExt;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
-use torchwire_integration_tests::{binary_path, NatsServer, Pki, Scaler};
+use torchwire_integration_tests::{binary_path, http_status, Metrics, NatsServer, Pki, Scaler};
 use torchwire_nats::{codec, ensure_work_queue, headers, Encoding, NatsConfig};
 use torchwire_proto::externalscaler::external_scaler_client::ExternalScalerClient;
 use torchwire_proto::externalscaler::{GetMetricsRequest, IsActiveResponse, ScaledObjectRef};
@@ -724,4 +724,45 @@ fn run_to_exit(args: &[&str]) -> (std::process::ExitStatus, String) {
     std::io::Read::read_to_string(&mut child.stderr.take().expect("piped stderr"), &mut stderr)
         .expect("stderr");
     (status, stderr)
+}
+
+#[tokio::test]
+async fn metrics_show_the_backlog_the_scaler_reads() {
+    let nats = NatsServer::start().unwrap();
+    let config = nats_config(&nats.url());
+    let (js, consumer) = work_queue(&config).await;
+    let scaler = Scaler::start(&["--nats-url", &nats.url()]).await.unwrap();
+    let admin = scaler.admin_addr();
+    assert_eq!(http_status(admin, "/livez").await, 200);
+    assert_eq!(http_status(admin, "/readyz").await, 200);
+    let queue = [
+        ("stream", config.stream.as_str()),
+        ("consumer", config.consumer.as_str()),
+    ];
+    let reading = async |pending: f64, in_flight: f64| {
+        until("the backlog on /metrics", async || {
+            let m = Metrics::scrape(admin).await.unwrap();
+            (m.value("inference_queue_length", &queue) == Some(pending)
+                && m.value("inference_queue_in_flight", &queue) == Some(in_flight))
+            .then_some(m)
+        })
+        .await
+    };
+    // The configured consumer is reported before any trigger asks for it.
+    let empty = reading(0.0, 0.0).await;
+    assert!(
+        empty.has_type("inference_queue_length", "gauge"),
+        "{}",
+        empty.text
+    );
+    assert!(empty.value("process_resident_memory_bytes", &[]).unwrap() > 0.0);
+
+    // Published and not consumed: waiting.
+    publish(&js, &config, 5).await;
+    reading(5.0, 0.0).await;
+    // Pulled, not acknowledged: in flight.
+    let pulled = pull(&consumer, 2).await;
+    reading(3.0, 2.0).await;
+    ack_all(pulled).await;
+    reading(3.0, 0.0).await;
 }

@@ -14,7 +14,8 @@ use tonic_health::ServingStatus;
 use torchwire_nats::NatsError;
 use torchwire_proto::externalscaler::external_scaler_server::ExternalScalerServer;
 
-use crate::backlog::{WatchSettings, Watchers};
+use crate::admin::{self, ScalerHealth};
+use crate::backlog::{WatchKey, WatchSettings, Watchers};
 use crate::config::{Config, TlsConfig};
 use crate::connections::{Connections, CONNECTION_NAME};
 use crate::error::ScalerError;
@@ -47,6 +48,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             idle_timeout: Duration::from_secs(config.idle_timeout_secs),
         },
     );
+    // /metrics always reports the configured consumer: keep it watched.
+    admin::observe_backlog(&watchers, config.nats.url());
+    let _default_watch = config.admin_addr()?.map(|_| {
+        watchers.subscribe(&WatchKey {
+            url: config.nats.url().to_string(),
+            stream: config.nats.stream.clone(),
+            consumer: config.nats.consumer.clone(),
+        })
+    });
+    let probes = std::sync::Arc::new(ScalerHealth::default());
+    let _admin = admin::start(&config, probes.clone()).await?;
     let defaults = TriggerDefaults {
         stream: config.nats.stream.clone(),
         consumer: config.nats.consumer.clone(),
@@ -87,7 +99,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         );
     let mut server = tokio::spawn(server);
 
-    // The one line on stdout: tests and scripts read the bound address here.
+    probes.set_serving(true);
+    // Tests and scripts read the bound address here.
     println!("torchwire-scaler listening on {addr}");
     let _ = std::io::stdout().flush();
     tracing::info!(%addr, tls = config.tls.cert.is_some(), nats = %config.nats.url(), "serving");
@@ -103,6 +116,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         }
     }
     tracing::info!(grace_secs = config.shutdown_grace_secs, "shutting down");
+    probes.set_serving(false);
     health
         .set_service_status("", ServingStatus::NotServing)
         .await;

@@ -172,6 +172,24 @@ impl Watchers {
         self.subscribe(key).current().await
     }
 
+    /// The latest good counts of every watcher on NATS server `url`, by
+    /// stream and consumer; watchers without a reading within the
+    /// staleness limit are left out (unknown is not zero).
+    pub fn latest_counts(&self, url: &str) -> Vec<(WatchKey, Counts)> {
+        let stale_after = self.0.settings.stale_after;
+        let entries = self.0.entries.lock().expect("watchers lock");
+        entries
+            .iter()
+            .filter(|(key, _)| key.url == url)
+            .filter_map(
+                |(key, entry)| match entry.rx.borrow().evaluate(key, stale_after) {
+                    Some(Ok(counts)) => Some((key.clone(), counts)),
+                    _ => None,
+                },
+            )
+            .collect()
+    }
+
     /// Number of running watchers.
     pub fn len(&self) -> usize {
         self.0.entries.lock().expect("watchers lock").len()

@@ -53,6 +53,9 @@ pub struct Cli {
     /// Address the gRPC server listens on (config: listen).
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
+    /// Admin HTTP address for /metrics, /livez, /readyz, or "off" (config: admin_listen).
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
     /// NATS server URL(s), comma-separated (config: nats.url).
     #[arg(long, value_name = "URL")]
     pub nats_url: Option<String>,
@@ -125,6 +128,9 @@ pub struct Cli {
 pub struct Config {
     /// Address the gRPC server listens on.
     pub listen: String,
+    /// Address of the admin HTTP port (`/metrics`, `/livez`, `/readyz`);
+    /// `off` for none.
+    pub admin_listen: String,
     /// NATS connection; `stream` and `consumer` are the defaults for triggers.
     pub nats: NatsConfig,
     /// Other NATS URLs a trigger may name in `natsUrl` (they get this scaler's credentials).
@@ -164,6 +170,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:50052".into(),
+            admin_listen: "0.0.0.0:9091".into(),
             nats: NatsConfig::default(),
             allowed_nats_urls: Vec::new(),
             tls: TlsConfig::default(),
@@ -208,6 +215,7 @@ impl Config {
             }
         }
         set(&mut self.listen, &cli.listen);
+        set(&mut self.admin_listen, &cli.admin_listen);
         let nats = &mut self.nats;
         set_some(&mut nats.url, &cli.nats_url);
         set_some(&mut nats.user, &cli.nats_user);
@@ -241,6 +249,7 @@ impl Config {
     /// Checks every value; the error names the offending key.
     pub fn validate(&self) -> Result<(), ScalerError> {
         self.listen_addr()?;
+        self.admin_addr()?;
         if let Some(url) = &self.otlp_endpoint {
             torchwire_telemetry::resolve_endpoint(Some(url), "otlp_endpoint", &[])
                 .map_err(|e| ScalerError::config(e.key, e.message))?;
@@ -324,6 +333,12 @@ impl Config {
         })
     }
 
+    /// The admin port's address; none when `admin_listen` is `off`.
+    pub fn admin_addr(&self) -> Result<Option<SocketAddr>, ScalerError> {
+        torchwire_telemetry::admin::parse_listen(&self.admin_listen)
+            .map_err(|message| ScalerError::config("admin_listen", message))
+    }
+
     /// Time between two readings of one consumer.
     pub fn refresh_interval(&self) -> Duration {
         Duration::from_millis(self.refresh_interval_ms)
@@ -357,6 +372,10 @@ mod tests {
     fn defaults_load() {
         let config = Config::load(&Cli::default(), &[]).unwrap();
         assert_eq!(config.listen, "0.0.0.0:50052");
+        assert_eq!(
+            config.admin_addr().unwrap(),
+            Some("0.0.0.0:9091".parse().unwrap())
+        );
         assert_eq!(config.refresh_interval(), Duration::from_millis(200));
         assert_eq!(config.stale_after(), Duration::from_secs(10));
         assert_eq!(config.nats.stream, "TORCHWIRE");
@@ -428,6 +447,18 @@ mod tests {
             key_of(load(Cli::default(), &[("TORCHWIRE_SCALER_NATS_URLS", "x")])),
             "nats.urls"
         );
+        assert_eq!(
+            key_of(load(
+                Cli::default(),
+                &[("TORCHWIRE_SCALER_ADMIN_LISTEN", "localhost")]
+            )),
+            "admin_listen"
+        );
+        let cli = Cli {
+            admin_listen: Some("off".into()),
+            ..Default::default()
+        };
+        assert_eq!(Config::load(&cli, &[]).unwrap().admin_addr().unwrap(), None);
         assert_eq!(
             key_of(load(
                 Cli::default(),

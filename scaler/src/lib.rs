@@ -2,6 +2,7 @@
 //! deployment by the backlog of its NATS JetStream work queue, read through
 //! the JetStream API over an authenticated connection.
 
+pub mod admin;
 pub mod app;
 pub mod backlog;
 pub mod config;

@@ -25,6 +25,8 @@ async fn main() -> ExitCode {
         "torchwire-scaler",
         config.log_format,
         config.otlp_endpoint.as_deref(),
+        // /metrics is served from the admin port.
+        matches!(config.admin_addr(), Ok(Some(_))),
     );
     let code = match app::run(config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,

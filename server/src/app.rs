@@ -1,5 +1,6 @@
-//! Wiring: bind, serve health and reflection at once (NOT_SERVING), load the
-//! models, report SERVING, then on shutdown drain within the grace period.
+//! Wiring: bind the admin port and gRPC, serve health and reflection at once
+//! (NOT_SERVING), load the models, report SERVING (kept in step with
+//! liveness from then on), then on shutdown drain within the grace period.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -8,19 +9,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tonic_health::ServingStatus;
 use torchwire_proto::v1::inference_server::{Inference, InferenceServer};
 
-use crate::api::{metrics, Generator, InferenceService, Models};
+use crate::admin::{self, Phase};
+use crate::api::{gauges, Generator, InferenceService, Models};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::ServerError;
 use crate::{nats, security};
 
-const INFERENCE_SERVICE: &str = "torchwire.v1.Inference";
+pub(crate) const INFERENCE_SERVICE: &str = "torchwire.v1.Inference";
 
 /// Runs the server until `shutdown` resolves, then drains and returns.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let health = admin::Health::new(health, Duration::from_secs(config.liveness_stall_secs));
+    health.set_phase(Phase::Loading).await;
+    let _admin = admin::start(&config, &health).await?;
     let listener = TcpListener::bind(config.listen_addr()?)
         .await
         .map_err(|e| {
@@ -32,8 +37,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     std::io::stdout().flush()?;
     tracing::info!(%addr, "listening; loading models");
 
-    let (health, health_service) = tonic_health::server::health_reporter();
-    set_health(&health, ServingStatus::NotServing).await;
     let (models_tx, models_rx) = tokio::sync::watch::channel(None::<Generator>);
     let max_message = config.limits.max_message_bytes;
     let inference = InferenceServer::new(LateInference(models_rx))
@@ -56,7 +59,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     let generator = tokio::select! {
         loaded = load_models(&config) => {
             let models = Arc::new(loaded?);
-            metrics::observe_engines(&models);
+            gauges::observe_engines(&models);
+            health.watch_models(&models);
             Generator::new(models)
                 .with_limits(&config.limits)
                 .with_failure_limit(config.max_engine_failures)
@@ -74,7 +78,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         None
     };
     let _ = models_tx.send(Some(generator.clone()));
-    set_health(&health, ServingStatus::Serving).await;
+    health.set_phase(Phase::Serving).await;
+    let _watchdog = health.keep_publishing();
     tracing::info!(%addr, "serving");
 
     // An engine that keeps failing takes the replica out of service: the
@@ -88,7 +93,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         grace_secs = config.shutdown_grace_secs,
         "shutting down: draining"
     );
-    set_health(&health, ServingStatus::NotServing).await;
+    health.set_phase(Phase::Draining).await;
     let _ = phase_tx.send(nats::Phase::Draining);
     generator.start_draining();
     let left = generator
@@ -125,12 +130,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
     }
 }
 
-/// Reports `status` for the whole server and for the inference service.
-async fn set_health(health: &tonic_health::server::HealthReporter, status: ServingStatus) {
-    for service in ["", INFERENCE_SERVICE] {
-        health.set_service_status(service, status).await;
-    }
-}
 /// Loads every configured model, each on its own thread, concurrently.
 async fn load_models(config: &Config) -> Result<Models, ServerError> {
     let starts = config

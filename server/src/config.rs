@@ -62,6 +62,7 @@ const ENV: EnvLayout = EnvLayout {
         "max_bytes",
         "max_age_secs",
         "max_engine_failures",
+        "liveness_stall_secs",
     ],
     list_keys: &[],
     // Other torchwire programs' variables and the toolchain scripts'.
@@ -75,6 +76,7 @@ const ENV: EnvLayout = EnvLayout {
         // The command line client's.
         "token",
         "token_file",
+        // TORCHWIRE_DEBUG_FAULT: the debug builds' fault switch (engine::fault).
         "debug_",
     ],
 };
@@ -93,6 +95,12 @@ pub struct Cli {
     /// Address to listen on (config: listen).
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<String>,
+    /// Admin HTTP address for /metrics, /livez, /readyz, or "off" (config: admin_listen).
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<String>,
+    /// Seconds a model with work may go without completing a step before the server is not live (config: liveness_stall_secs).
+    #[arg(long, value_name = "SECS")]
+    pub liveness_stall_secs: Option<u64>,
     /// Hugging Face checkpoint directory to serve (config: models.<name>.path).
     #[arg(long, value_name = "DIR")]
     pub model: Option<PathBuf>,
@@ -169,6 +177,13 @@ pub struct Cli {
 pub struct Config {
     /// Address the gRPC server listens on.
     pub listen: String,
+    /// Address of the admin HTTP port (`/metrics`, `/livez`, `/readyz`);
+    /// `off` for none.
+    pub admin_listen: String,
+    /// Seconds a model thread with work may go without completing a step
+    /// (a prefill, a prompt chunk or a decode step) before the server
+    /// reports itself not live.
+    pub liveness_stall_secs: u64,
     /// The model used when a request names none (default: the first by name).
     pub default_model: Option<String>,
     /// Models to serve, by name.
@@ -203,6 +218,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:50051".into(),
+            admin_listen: "0.0.0.0:9090".into(),
+            liveness_stall_secs: 120,
             default_model: None,
             models: BTreeMap::new(),
             threads: None,
@@ -294,6 +311,12 @@ impl Config {
         }
         if let Some(threads) = cli.threads {
             self.threads = Some(threads);
+        }
+        if let Some(admin) = &cli.admin_listen {
+            self.admin_listen = admin.clone();
+        }
+        if let Some(secs) = cli.liveness_stall_secs {
+            self.liveness_stall_secs = secs;
         }
         if let Some(grace) = cli.shutdown_grace {
             self.shutdown_grace_secs = grace;
@@ -387,6 +410,13 @@ impl Config {
     /// Checks every value; the error names the offending key.
     pub fn validate(&self) -> Result<(), ServerError> {
         self.listen_addr()?;
+        self.admin_addr()?;
+        if self.liveness_stall_secs == 0 {
+            return Err(ServerError::config(
+                "liveness_stall_secs",
+                "must be at least 1",
+            ));
+        }
         if let Some(url) = &self.otlp_endpoint {
             torchwire_telemetry::resolve_endpoint(Some(url), "otlp_endpoint", &[])
                 .map_err(|e| ServerError::config(e.key, e.message))?;
@@ -500,6 +530,12 @@ impl Config {
         })
     }
 
+    /// The admin port's address; none when `admin_listen` is `off`.
+    pub fn admin_addr(&self) -> Result<Option<SocketAddr>, ServerError> {
+        torchwire_telemetry::admin::parse_listen(&self.admin_listen)
+            .map_err(|message| ServerError::config("admin_listen", message))
+    }
+
     /// True when the NATS request path is configured.
     pub fn nats_enabled(&self) -> bool {
         self.nats.url.as_deref().is_some_and(|u| !u.is_empty())
@@ -552,6 +588,8 @@ mod tests {
         let ckpt = checkpoint();
         let config = Config::load(&cli_with_model(ckpt.path()), &[]).unwrap();
         assert_eq!(config.listen, "0.0.0.0:50051");
+        assert_eq!(config.admin_listen, "0.0.0.0:9090");
+        assert_eq!(config.liveness_stall_secs, 120);
         assert_eq!(config.models["m"].max_batch_size, 32);
         assert_eq!(config.default_model_name(), "m");
     }
@@ -631,11 +669,35 @@ mod tests {
             ),
             (vec![("TORCHWIRE_DEFAULT_MODEL", "other")], "default_model"),
             (vec![("TORCHWIRE_LISTN", "x")], "listn"),
+            (vec![("TORCHWIRE_ADMIN_LISTEN", ":9090")], "admin_listen"),
+            (
+                vec![("TORCHWIRE_LIVENESS_STALL_SECS", "0")],
+                "liveness_stall_secs",
+            ),
         ];
         for (vars, key) in cases {
             let err = Config::load(&cli, &env(&vars)).unwrap_err().to_string();
             assert!(err.contains(key), "{vars:?}: {err}");
         }
+    }
+
+    #[test]
+    fn the_admin_port_comes_from_env_and_flags_and_can_be_off() {
+        let ckpt = checkpoint();
+        let mut cli = cli_with_model(ckpt.path());
+        let e = env(&[
+            ("TORCHWIRE_ADMIN_LISTEN", "127.0.0.1:9191"),
+            ("TORCHWIRE_LIVENESS_STALL_SECS", "30"),
+            ("TORCHWIRE_DEBUG_FAULT", "stall-on-prompt:x"),
+        ]);
+        let c = Config::load(&cli, &e).unwrap();
+        assert_eq!(
+            c.admin_addr().unwrap(),
+            Some("127.0.0.1:9191".parse().unwrap())
+        );
+        assert_eq!(c.liveness_stall_secs, 30);
+        cli.admin_listen = Some("off".into());
+        assert_eq!(Config::load(&cli, &e).unwrap().admin_addr().unwrap(), None);
     }
 
     #[test]

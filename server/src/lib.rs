@@ -1,6 +1,7 @@
 //! torchwire-server: streams tokens from libtorch Llama-family models over
 //! gRPC, with continuous batching on a model thread per model.
 
+pub mod admin;
 pub mod api;
 pub mod app;
 pub mod chat;

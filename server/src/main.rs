@@ -34,6 +34,8 @@ fn main() -> ExitCode {
             "torchwire-server",
             config.log_format,
             config.otlp_endpoint.as_deref(),
+            // /metrics is served from the admin port.
+            matches!(config.admin_addr(), Ok(Some(_))),
         )
     };
     let cuda = model::load_cuda_runtime();

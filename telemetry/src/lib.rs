@@ -1,9 +1,13 @@
 //! Logging, tracing and metrics shared by torchwire's server and scaler: log
-//! lines to stderr filtered by `RUST_LOG`, and, when a collector is
-//! configured, spans (with W3C trace-context propagation) and metrics
-//! exported over OTLP/gRPC.
+//! lines to stderr filtered by `RUST_LOG`; when a collector is configured,
+//! spans (with W3C trace-context propagation) and metrics exported over
+//! OTLP/gRPC; and the same metrics in the Prometheus text format on the
+//! admin HTTP port, with the liveness and readiness probes.
 
+pub mod admin;
 mod endpoint;
+mod process;
+pub mod prometheus;
 mod propagation;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +26,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
 pub use endpoint::{resolve_endpoint, EndpointError};
-pub use propagation::{set_remote_parent, GrpcMetadata};
+pub use propagation::{set_remote_parent, trace_id, GrpcMetadata};
 /// The OpenTelemetry crates this one is built against, re-exported so that
 /// users name the same types.
 pub use {opentelemetry, tracing_opentelemetry};
@@ -69,9 +73,12 @@ pub struct Telemetry {
 
 /// Installs the global subscriber: log lines in `format`, and span and metric
 /// export to `otlp_endpoint` when set (a URL [`resolve_endpoint`] accepted).
-/// Call once, early in `main`, inside a Tokio runtime: the exporters'
-/// channels live on it. Without an endpoint the global meter provider stays
-/// the no-op one, so instruments cost next to nothing.
+/// With `prometheus`, the same instruments are also read at each scrape of
+/// [`prometheus::scrape`] (the admin port's `/metrics`), and the process
+/// metrics are registered. Call once, early in `main`, inside a Tokio
+/// runtime: the exporters' channels live on it. Without an endpoint and
+/// without `prometheus` the global meter provider stays the no-op one, so
+/// instruments cost next to nothing.
 ///
 /// `service_name` is the `service.name` resource attribute unless
 /// `OTEL_SERVICE_NAME` or `OTEL_RESOURCE_ATTRIBUTES` names one. The SDK reads
@@ -82,6 +89,7 @@ pub fn init(
     service_name: &'static str,
     format: LogFormat,
     otlp_endpoint: Option<&str>,
+    prometheus: bool,
 ) -> Telemetry {
     let logs = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
@@ -116,17 +124,11 @@ pub fn init(
             "exporting spans over OTLP/gRPC"
         );
     }
-    let meters = otlp_endpoint.and_then(|url| match meter_provider(service_name, url) {
-        Ok(meters) => {
-            opentelemetry::global::set_meter_provider(meters.clone());
-            tracing::info!(endpoint = url, "exporting metrics over OTLP/gRPC");
-            Some(meters)
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot set up the OTLP metric exporter; metrics are not exported");
-            None
-        }
-    });
+    let meters = meter_provider(service_name, otlp_endpoint, prometheus);
+    if let Some(meters) = &meters {
+        opentelemetry::global::set_meter_provider(meters.clone());
+        process::observe(&opentelemetry::global::meter(service_name));
+    }
     Telemetry { provider, meters }
 }
 
@@ -152,12 +154,50 @@ fn tracer_provider(
         .build())
 }
 
-/// Cumulative metrics, collected and exported every
-/// `OTEL_METRIC_EXPORT_INTERVAL` by the reader's own thread.
+/// One meter provider, so one set of instruments, with up to two readers:
+/// the OTLP export and the Prometheus scrape. None without either (or when
+/// neither can be set up: metrics cost the service nothing then).
 fn meter_provider(
     service_name: &'static str,
+    otlp_endpoint: Option<&str>,
+    prometheus: bool,
+) -> Option<SdkMeterProvider> {
+    let mut builder = SdkMeterProvider::builder().with_resource(resource(service_name));
+    let mut readers = 0;
+    if let Some(url) = otlp_endpoint {
+        match otlp_reader(url) {
+            Ok(reader) => {
+                builder = builder.with_reader(reader);
+                readers += 1;
+                tracing::info!(endpoint = url, "exporting metrics over OTLP/gRPC");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up the OTLP metric exporter; metrics are not exported");
+            }
+        }
+    }
+    if prometheus {
+        match prometheus::reader() {
+            Ok(reader) => {
+                builder = builder.with_reader(reader);
+                readers += 1;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up the Prometheus metric reader; /metrics is empty");
+            }
+        }
+    }
+    (readers > 0).then(|| builder.build())
+}
+
+/// Cumulative metrics, collected and exported every
+/// `OTEL_METRIC_EXPORT_INTERVAL` by the reader's own thread.
+fn otlp_reader(
     endpoint: &str,
-) -> Result<SdkMeterProvider, opentelemetry_otlp::ExporterBuildError> {
+) -> Result<
+    PeriodicReader<opentelemetry_otlp::MetricExporter>,
+    opentelemetry_otlp::ExporterBuildError,
+> {
     let mut exporter = opentelemetry_otlp::MetricExporter::builder()
         .with_tonic()
         .with_endpoint(endpoint);
@@ -166,11 +206,7 @@ fn meter_provider(
             exporter.with_tls_config(tonic::transport::ClientTlsConfig::new().with_enabled_roots());
     }
     // The builder reads OTEL_METRIC_EXPORT_INTERVAL (default 60 s).
-    let reader = PeriodicReader::builder(exporter.build()?).build();
-    Ok(SdkMeterProvider::builder()
-        .with_reader(reader)
-        .with_resource(resource(service_name))
-        .build())
+    Ok(PeriodicReader::builder(exporter.build()?).build())
 }
 
 /// `service.name` is `service_name` unless the environment names one.
@@ -255,11 +291,16 @@ mod tests {
             let provider =
                 tracer_provider("torchwire-test", url).unwrap_or_else(|e| panic!("{url}: {e}"));
             provider.shutdown_with_timeout(FLUSH_TIMEOUT).unwrap();
-            let meters =
-                meter_provider("torchwire-test", url).unwrap_or_else(|e| panic!("{url}: {e}"));
+            let meters = meter_provider("torchwire-test", Some(url), false)
+                .unwrap_or_else(|| panic!("{url}: no meter provider"));
             // Nothing was recorded: nothing to send, nothing to wait for.
             meters.shutdown().unwrap();
         }
+    }
+
+    #[test]
+    fn without_a_reader_there_is_no_meter_provider() {
+        assert!(meter_provider("torchwire-test", None, false).is_none());
     }
 
     #[test]

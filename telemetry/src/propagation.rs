@@ -1,7 +1,9 @@
 //! W3C trace context in: a request's span continues the trace its caller
 //! sent in `traceparent`/`tracestate` (gRPC metadata, NATS headers).
 
-use opentelemetry::propagation::Extractor;
+use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::{TraceContextExt, TraceId};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tonic::metadata::{KeyRef, MetadataMap};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -21,6 +23,19 @@ pub fn set_remote_parent(span: &tracing::Span, carrier: &dyn Extractor) {
     let _ = span.set_parent(parent);
 }
 
+/// The trace id to log with a request: its span's when spans are exported
+/// (the caller's trace, or the new one it started), else the one the
+/// caller's valid `traceparent` names, so logs still join the caller's trace.
+pub fn trace_id(span: &tracing::Span, carrier: &dyn Extractor) -> Option<String> {
+    let context = if crate::exporting() {
+        span.context()
+    } else {
+        TraceContextPropagator::new().extract(carrier)
+    };
+    let id = context.span().span_context().trace_id();
+    (id != TraceId::INVALID).then(|| id.to_string())
+}
+
 /// gRPC request metadata as a propagation carrier.
 pub struct GrpcMetadata<'a>(pub &'a MetadataMap);
 
@@ -37,5 +52,32 @@ impl Extractor for GrpcMetadata<'_> {
                 KeyRef::Binary(k) => k.as_str(),
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    #[test]
+    fn without_export_the_callers_trace_id_is_logged() {
+        let span = tracing::Span::none();
+        let mut carrier: HashMap<String, String> = HashMap::new();
+        assert_eq!(trace_id(&span, &carrier), None);
+        carrier.insert(
+            "traceparent".to_string(),
+            "00-xyz-00f067aa0ba902b7-01".into(),
+        );
+        assert_eq!(trace_id(&span, &carrier), None, "a malformed traceparent");
+        carrier.insert(
+            "traceparent".to_string(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+        );
+        assert_eq!(
+            trace_id(&span, &carrier).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
     }
 }

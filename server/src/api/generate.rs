@@ -154,6 +154,7 @@ impl Generator {
             request_id.to_string()
         };
         span.record("torchwire.request_id", request_id.as_str());
+        metrics.request_id(&request_id);
         let engine = self.models.get(model)?;
         metrics.model(&engine.info.name);
         Ok((engine, request_id))

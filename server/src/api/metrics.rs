@@ -1,18 +1,18 @@
-//! Request metrics, exported over OTLP next to the spans when a collector is
-//! configured (no-op instruments otherwise). Names follow the OpenTelemetry
-//! GenAI semantic conventions where they exist. Recorded once per request,
-//! where its span is, never per token and never on a model thread.
+//! Request metrics and the request log line. The metrics are exported over
+//! OTLP next to the spans when a collector is configured, and scraped from
+//! the admin port's `/metrics` (no-op instruments without either). Names
+//! follow the OpenTelemetry GenAI semantic conventions where they exist.
+//! Both are written once per request, when it ends, where its span ends:
+//! never per token and never on a model thread.
 
-use std::sync::{Arc, OnceLock, Weak};
-use std::time::Instant;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use torchwire_telemetry::opentelemetry::metrics::{Counter, Histogram, Meter};
 use torchwire_telemetry::opentelemetry::{global, KeyValue};
 
-use super::models::Models;
 use super::span::Transport;
 use crate::engine::request::Finish;
-use crate::engine::stats::Stats;
 use crate::error::ServerError;
 
 pub const REQUEST_DURATION: &str = "gen_ai.server.request.duration";
@@ -20,16 +20,8 @@ pub const TIME_TO_FIRST_TOKEN: &str = "gen_ai.server.time_to_first_token";
 pub const TIME_PER_OUTPUT_TOKEN: &str = "gen_ai.server.time_per_output_token";
 pub const TOKENS: &str = "torchwire.tokens";
 pub const REQUESTS: &str = "torchwire.requests";
-pub const BATCH_RUNNING: &str = "torchwire.batch.running";
-pub const QUEUE_WAITING: &str = "torchwire.queue.waiting";
-pub const PREFIX_CACHE_HITS: &str = "torchwire.prefix_cache.hits";
-pub const PREFIX_CACHE_MISSES: &str = "torchwire.prefix_cache.misses";
-pub const PREFIX_CACHE_TOKENS_REUSED: &str = "torchwire.prefix_cache.tokens_reused";
-pub const PREFIX_CACHE_EVICTIONS: &str = "torchwire.prefix_cache.evictions";
-pub const PREFIX_CACHE_MEMORY: &str = "torchwire.prefix_cache.memory";
-pub const PREFIX_CACHE_ENTRIES: &str = "torchwire.prefix_cache.entries";
 
-const MODEL: &str = "gen_ai.request.model";
+pub(super) const MODEL: &str = "gen_ai.request.model";
 const TRANSPORT: &str = "torchwire.transport";
 const OUTCOME: &str = "torchwire.outcome";
 const ERROR_TYPE: &str = "error.type";
@@ -45,7 +37,7 @@ struct Instruments {
     requests: Counter<u64>,
 }
 
-fn meter() -> Meter {
+pub(super) fn meter() -> Meter {
     global::meter("torchwire-server")
 }
 
@@ -95,132 +87,18 @@ fn instruments() -> &'static Instruments {
     })
 }
 
-/// Reports each engine's running batch and queue length whenever metrics
-/// are collected (by the exporter's thread; the counters are atomics).
-/// Holds the models weakly: it never keeps a stopped engine alive.
-pub fn observe_engines(models: &Arc<Models>) {
-    let meter = meter();
-    let running = Arc::downgrade(models);
-    meter
-        .u64_observable_gauge(BATCH_RUNNING)
-        .with_unit("{request}")
-        .with_description("Sequences in the running batch")
-        .with_callback(move |gauge| {
-            for engine in Weak::upgrade(&running).iter().flat_map(|m| m.iter()) {
-                let running = engine
-                    .stats
-                    .running
-                    .load(std::sync::atomic::Ordering::Relaxed);
-                gauge.observe(
-                    u64::from(running),
-                    &[KeyValue::new(MODEL, engine.info.name.clone())],
-                );
-            }
-        })
-        .build();
-    let waiting = Arc::downgrade(models);
-    meter
-        .u64_observable_gauge(QUEUE_WAITING)
-        .with_unit("{request}")
-        .with_description("Requests queued for the model, not yet running")
-        .with_callback(move |gauge| {
-            for engine in Weak::upgrade(&waiting).iter().flat_map(|m| m.iter()) {
-                gauge.observe(
-                    engine.waiting() as u64,
-                    &[KeyValue::new(MODEL, engine.info.name.clone())],
-                );
-            }
-        })
-        .build();
-    observe_prefix_caches(&meter, models);
-}
-
-/// How a prefix cache counter is read from an engine's stats.
-type ReadStat = fn(&Stats) -> u64;
-
-/// The engines' prefix cache counters (cumulative) and sizes (gauges).
-fn observe_prefix_caches(meter: &Meter, models: &Arc<Models>) {
-    let counters: [(&'static str, &'static str, &'static str, ReadStat); 4] = [
-        (
-            PREFIX_CACHE_HITS,
-            "{request}",
-            "Prompts that started with a cached prefix",
-            |s| Stats::get(&s.prefix_hits),
-        ),
-        (
-            PREFIX_CACHE_MISSES,
-            "{request}",
-            "Prompts that found no cached prefix (while the cache is on)",
-            |s| Stats::get(&s.prefix_misses),
-        ),
-        (
-            PREFIX_CACHE_TOKENS_REUSED,
-            "{token}",
-            "Prompt tokens copied from the prefix cache instead of being read",
-            |s| Stats::get(&s.prefix_tokens_reused),
-        ),
-        (
-            PREFIX_CACHE_EVICTIONS,
-            "{entry}",
-            "Prefix cache entries dropped to make room",
-            |s| Stats::get(&s.prefix_evictions),
-        ),
-    ];
-    for (name, unit, description, read) in counters {
-        let models = Arc::downgrade(models);
-        meter
-            .u64_observable_counter(name)
-            .with_unit(unit)
-            .with_description(description)
-            .with_callback(move |counter| {
-                for engine in Weak::upgrade(&models).iter().flat_map(|m| m.iter()) {
-                    counter.observe(
-                        read(&engine.stats),
-                        &[KeyValue::new(MODEL, engine.info.name.clone())],
-                    );
-                }
-            })
-            .build();
-    }
-    let gauges: [(&'static str, &'static str, &'static str, ReadStat); 2] = [
-        (
-            PREFIX_CACHE_MEMORY,
-            "By",
-            "Bytes of keys and values the prefix cache holds",
-            |s| Stats::get(&s.prefix_bytes),
-        ),
-        (
-            PREFIX_CACHE_ENTRIES,
-            "{entry}",
-            "Finished sequences' prefixes the prefix cache holds",
-            |s| Stats::get(&s.prefix_entries),
-        ),
-    ];
-    for (name, unit, description, read) in gauges {
-        let models = Arc::downgrade(models);
-        meter
-            .u64_observable_gauge(name)
-            .with_unit(unit)
-            .with_description(description)
-            .with_callback(move |gauge| {
-                for engine in Weak::upgrade(&models).iter().flat_map(|m| m.iter()) {
-                    gauge.observe(
-                        read(&engine.stats),
-                        &[KeyValue::new(MODEL, engine.info.name.clone())],
-                    );
-                }
-            })
-            .build();
-    }
-}
-
-/// One request's metrics, from its arrival to its end; recorded once, by
-/// [`finished`](Self::finished), [`failed`](Self::failed) or
+/// One request's metrics and log line, from its arrival to its end; written
+/// once, by [`finished`](Self::finished), [`failed`](Self::failed) or
 /// [`cancelled`](Self::cancelled).
 #[derive(Debug)]
 pub struct RequestMetrics {
     transport: &'static str,
     started: Instant,
+    /// Known once the request is decoded.
+    request_id: Option<String>,
+    /// The W3C trace the request belongs to, if any (see
+    /// `torchwire_telemetry::trace_id`).
+    trace_id: Option<String>,
     /// Known once the model is found; never the name a caller asked for
     /// (unbounded), only a served model's.
     model: Option<String>,
@@ -231,15 +109,27 @@ pub struct RequestMetrics {
 }
 
 impl RequestMetrics {
-    /// A request that just arrived.
-    pub fn new(transport: Transport<'_>) -> Self {
+    /// A request that just arrived, in trace `trace_id`.
+    pub fn new(transport: Transport<'_>, trace_id: Option<String>) -> Self {
         Self {
             transport: transport.name(),
             started: Instant::now(),
+            request_id: None,
+            trace_id,
             model: None,
             prompt_tokens: None,
             output_tokens: 0,
         }
+    }
+
+    /// The request's id, given or made up. One longer than validation
+    /// allows (the request is refused) is logged cut short.
+    pub fn request_id(&mut self, id: &str) {
+        let mut end = id.len().min(super::validate::MAX_REQUEST_ID_BYTES);
+        while !id.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.request_id = Some(id[..end].to_string());
     }
 
     /// The request is for this served model.
@@ -291,20 +181,39 @@ impl RequestMetrics {
             all.time_per_output_token.record(per_token, &attrs);
         }
         self.record_tokens(finish.prompt_tokens, finish.completion_tokens);
+        self.log(Ended {
+            outcome: finish.reason.as_str(),
+            finish_reason: Some(finish.reason.as_str()),
+            error_code: None,
+            prompt_tokens: Some(finish.prompt_tokens),
+            output_tokens: finish.completion_tokens,
+            queue: Some(finish.queue),
+            time_to_first_token: Some(finish.time_to_first_token),
+        });
     }
 
     /// The request was refused or failed; `error.type` is its gRPC code, as
     /// on the span.
     pub fn failed(&self, err: &ServerError) {
         let all = instruments();
+        let code = format!("{:?}", err.code());
         let mut attrs = self.attributes("error");
-        attrs.push(KeyValue::new(ERROR_TYPE, format!("{:?}", err.code())));
+        attrs.push(KeyValue::new(ERROR_TYPE, code.clone()));
         all.requests.add(1, &attrs);
         all.duration
             .record(self.started.elapsed().as_secs_f64(), &attrs);
         if let Some(prompt) = self.prompt_tokens {
             self.record_tokens(prompt, self.output_tokens);
         }
+        self.log(Ended {
+            outcome: "error",
+            finish_reason: None,
+            error_code: Some(code.as_str()),
+            prompt_tokens: self.prompt_tokens,
+            output_tokens: self.output_tokens,
+            queue: None,
+            time_to_first_token: None,
+        });
     }
 
     /// The caller went away (or the grace period ran out) before the end.
@@ -317,7 +226,52 @@ impl RequestMetrics {
         if let Some(prompt) = self.prompt_tokens {
             self.record_tokens(prompt, self.output_tokens);
         }
+        self.log(Ended {
+            outcome: "cancelled",
+            finish_reason: None,
+            error_code: None,
+            prompt_tokens: self.prompt_tokens,
+            output_tokens: self.output_tokens,
+            queue: None,
+            time_to_first_token: None,
+        });
     }
+
+    /// The request's one line at info level: who, how much, how long, how it
+    /// ended. Never the prompt or the output.
+    fn log(&self, ended: Ended<'_>) {
+        tracing::info!(
+            request_id = self.request_id.as_deref(),
+            model = self.model.as_deref(),
+            transport = self.transport,
+            prompt_tokens = ended.prompt_tokens.map(|n| n as u64),
+            output_tokens = ended.output_tokens as u64,
+            queue_ms = ended.queue.map(ms),
+            ttft_ms = ended.time_to_first_token.map(ms),
+            total_ms = ms(self.started.elapsed()),
+            outcome = ended.outcome,
+            finish_reason = ended.finish_reason,
+            error_code = ended.error_code,
+            trace_id = self.trace_id.as_deref(),
+            "request ended"
+        );
+    }
+}
+
+/// How a request ended, for its log line.
+struct Ended<'a> {
+    outcome: &'static str,
+    finish_reason: Option<&'static str>,
+    error_code: Option<&'a str>,
+    prompt_tokens: Option<usize>,
+    output_tokens: usize,
+    queue: Option<Duration>,
+    time_to_first_token: Option<Duration>,
+}
+
+/// Milliseconds, to the hundredth.
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e5).round() / 100.0
 }
 
 /// Seconds per output token after the first; none for fewer than two.
@@ -329,8 +283,6 @@ fn time_per_output_token(finish: &Finish) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
     use crate::engine::request::FinishReason;
 
@@ -356,7 +308,8 @@ mod tests {
 
     #[test]
     fn without_a_meter_provider_recording_is_a_no_op() {
-        let mut m = RequestMetrics::new(Transport::Grpc { method: "Generate" });
+        let mut m = RequestMetrics::new(Transport::Grpc { method: "Generate" }, None);
+        m.request_id("r-1");
         m.model("tiny");
         m.accepted(3);
         m.streamed(2);

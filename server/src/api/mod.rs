@@ -3,6 +3,7 @@
 
 pub mod breaker;
 pub mod chat;
+pub mod gauges;
 pub mod generate;
 pub mod limits;
 pub mod metrics;

@@ -10,8 +10,7 @@ use torchwire_telemetry::GrpcMetadata;
 
 use super::chat::ChatTurn;
 use super::generate::{Generator, ResponseStream};
-use super::metrics::RequestMetrics;
-use super::span::{request_span, Transport};
+use super::span::{start_request, Transport};
 use super::validate;
 use crate::engine::stats::Stats;
 
@@ -38,12 +37,8 @@ impl Inference for InferenceService {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<GenerateStream>, Status> {
         let transport = Transport::Grpc { method: "Generate" };
-        let metrics = RequestMetrics::new(transport);
-        let span = request_span(transport, &GrpcMetadata(request.metadata()));
-        let stream = self
-            .generator
-            .generate(request.get_ref(), span, metrics)
-            .await?;
+        let (span, metrics) = start_request(transport, &GrpcMetadata(request.metadata()));
+        let stream = self.generator.generate(request.get_ref(), span, metrics).await?;
         Ok(Response::new(Box::pin(
             stream.map(|item| item.map_err(Status::from)),
         )))
@@ -54,8 +49,7 @@ impl Inference for InferenceService {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<pb::GenerateResponse>, Status> {
         let transport = Transport::Grpc { method: "Complete" };
-        let metrics = RequestMetrics::new(transport);
-        let span = request_span(transport, &GrpcMetadata(request.metadata()));
+        let (span, metrics) = start_request(transport, &GrpcMetadata(request.metadata()));
         let stream = self
             .generator
             .generate(request.get_ref(), span, metrics)
@@ -219,8 +213,7 @@ impl InferenceService {
         request: Request<pb::ChatRequest>,
         transport: Transport<'static>,
     ) -> Result<ResponseStream, Status> {
-        let metrics = RequestMetrics::new(transport);
-        let span = request_span(transport, &GrpcMetadata(request.metadata()));
+        let (span, metrics) = start_request(transport, &GrpcMetadata(request.metadata()));
         let req = request.into_inner();
         if !req.session_id.is_empty() {
             return Err(Status::unimplemented("sessions are not implemented yet"));

@@ -9,6 +9,7 @@ use torchwire_telemetry::tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing::field::Empty;
 use tracing::Span;
 
+use super::metrics::RequestMetrics;
 use crate::engine::request::Finish;
 use crate::error::ServerError;
 
@@ -32,6 +33,14 @@ impl Transport<'_> {
             Self::Nats { .. } => "nats",
         }
     }
+}
+
+/// Opens the span and the metrics of a request that just arrived; both
+/// know the trace it belongs to (see [`request_span`]).
+pub fn start_request(transport: Transport<'_>, carrier: &dyn Extractor) -> (Span, RequestMetrics) {
+    let span = request_span(transport, carrier);
+    let trace_id = torchwire_telemetry::trace_id(&span, carrier);
+    (span, RequestMetrics::new(transport, trace_id))
 }
 
 /// Opens the span of a request that just arrived, parented by the trace

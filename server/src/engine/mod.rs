@@ -1,8 +1,11 @@
 //! The engine: one OS thread per model that owns its tensors and KV cache
 //! and runs continuous batching; requests reach it through a bounded queue.
 
+#[cfg(debug_assertions)]
+pub(crate) mod fault;
 pub mod kv_cache;
 pub mod prefix_cache;
+pub mod liveness;
 pub mod request;
 pub mod sampler;
 mod scheduler;
@@ -13,7 +16,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -21,6 +24,7 @@ use crate::config::ModelConfig;
 use crate::error::ServerError;
 use crate::model::{self, DeviceChoice, Llama, LoadOptions};
 use kv_cache::KvCache;
+use liveness::{ExitGuard, Progress};
 use request::Job;
 use stats::Stats;
 
@@ -40,6 +44,14 @@ pub struct ModelInfo {
     pub max_batch_size: usize,
     pub queue_size: usize,
     pub default_max_new_tokens: usize,
+    /// Bytes of the KV cache (every slot, allocated at load).
+    pub kv_cache_bytes: u64,
+    /// Bytes of the KV cache one cached token takes.
+    pub kv_bytes_per_token: u64,
+    /// Reading the weights and tokenizer and allocating the cache.
+    pub load_time: Duration,
+    /// The warm-up forward passes after loading.
+    pub warmup_time: Duration,
 }
 
 /// What the model thread is asked to do, in queue order.
@@ -75,30 +87,39 @@ impl Engine {
             (name.to_string(), config.clone(), stats.clone());
         let thread = std::thread::Builder::new()
             .name(format!("model-{name}"))
-            .spawn(move || match load(&name_owned, &config_owned) {
-                Ok((model, cache, tokenizer, info)) => {
-                    let scheduler = scheduler::Scheduler::new(
-                        name_owned,
-                        model,
-                        cache,
-                        tokenizer.clone(),
-                        scheduler::Inbox {
-                            jobs: jobs_rx,
-                            stop: stop_thread,
-                        },
-                        stats_thread.clone(),
-                        config_owned.max_prefill_tokens as usize,
-                    )
-                    .with_prefix_cache(prefix_cache::PrefixCache::new(
-                        config_owned.prefix_cache_mib * 1024 * 1024,
-                        stats_thread,
-                    ));
-                    if ready_tx.send(Ok((tokenizer, info))).is_ok() {
-                        scheduler.run();
-                    }
+            .spawn(move || {
+                // Also marks the thread gone when a panic unwinds it.
+                let _exit = ExitGuard(stats_thread.heartbeat.clone());
+                #[cfg(debug_assertions)]
+                if let Some(fault) = fault::Fault::from_env() {
+                    fault.on_load();
                 }
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
+                match load(&name_owned, &config_owned) {
+                    Ok((model, cache, tokenizer, info)) => {
+                        stats_thread.heartbeat.beat();
+                        let scheduler = scheduler::Scheduler::new(
+                            name_owned,
+                            model,
+                            cache,
+                            tokenizer.clone(),
+                            scheduler::Inbox {
+                                jobs: jobs_rx,
+                                stop: stop_thread,
+                            },
+                            stats_thread.clone(),
+                            config_owned.max_prefill_tokens as usize,
+                        )
+                        .with_prefix_cache(prefix_cache::PrefixCache::new(
+                            config_owned.prefix_cache_mib * 1024 * 1024,
+                            stats_thread,
+                        ));
+                        if ready_tx.send(Ok((tokenizer, info))).is_ok() {
+                            scheduler.run();
+                        }
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
                 }
             })
             .map_err(|e| ServerError::Load {
@@ -184,6 +205,16 @@ impl Engine {
     pub fn waiting(&self) -> usize {
         self.jobs.max_capacity() - self.jobs.capacity()
     }
+
+    /// Whether the model thread runs and makes progress: a thread with work
+    /// may go `stall_limit` without completing a step. A thread that was
+    /// told to stop is not checked.
+    pub fn progress(&self, stall_limit: Duration) -> Progress {
+        if self.stop.load(Ordering::SeqCst) {
+            return Progress::Running;
+        }
+        self.stats.heartbeat.progress(stall_limit)
+    }
 }
 
 type Loaded = (Llama, KvCache, Arc<tokenizers::Tokenizer>, ModelInfo);
@@ -195,7 +226,7 @@ fn load(name: &str, config: &ModelConfig) -> Result<Loaded, ServerError> {
         path: config.path.display().to_string(),
         message,
     };
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let choice = DeviceChoice::parse(&config.device).map_err(&err)?;
     let device = choice.resolve().map_err(&err)?;
     let kind = match &config.dtype {
@@ -255,7 +286,11 @@ fn load(name: &str, config: &ModelConfig) -> Result<Loaded, ServerError> {
             "allocating the KV cache ({max_batch} x {context} tokens): {e}"
         ))
     })?;
+    let load_time = started.elapsed();
+    let warm_started = Instant::now();
     warm_up(&model, &mut cache).map_err(|e| err(format!("warm-up: {e}")))?;
+    let warmup_time = warm_started.elapsed();
+    let kv_cache_bytes = per_sequence * max_batch as u64;
     let info = ModelInfo {
         name: name.to_string(),
         architecture: hf.architecture(),
@@ -267,6 +302,10 @@ fn load(name: &str, config: &ModelConfig) -> Result<Loaded, ServerError> {
         max_batch_size: max_batch,
         queue_size: config.queue_size as usize,
         default_max_new_tokens: config.default_max_new_tokens as usize,
+        kv_cache_bytes,
+        kv_bytes_per_token: per_sequence / context as u64,
+        load_time,
+        warmup_time,
     };
     tracing::info!(
         model = name,
@@ -275,8 +314,9 @@ fn load(name: &str, config: &ModelConfig) -> Result<Loaded, ServerError> {
         parameters = info.parameters,
         context = context,
         max_batch = max_batch,
-        kv_cache_mib = (per_sequence * max_batch as u64) as f64 / 1048576.0,
-        load_ms = started.elapsed().as_millis() as u64,
+        kv_cache_mib = kv_cache_bytes as f64 / 1048576.0,
+        load_ms = load_time.as_millis() as u64,
+        warmup_ms = warmup_time.as_millis() as u64,
         "model loaded"
     );
     Ok((model, cache, Arc::new(tokenizer), info))

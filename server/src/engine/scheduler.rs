@@ -66,6 +66,8 @@ pub(super) struct Scheduler {
     pending: VecDeque<Job>,
     /// Prefixes of finished sequences, for prompts that start with one.
     prefix: PrefixCache,
+    #[cfg(debug_assertions)]
+    fault: Option<super::fault::Fault>,
 }
 
 /// A prompt read in chunks of `max_prefill_tokens`.
@@ -101,6 +103,8 @@ impl Scheduler {
             chunked: None,
             pending: VecDeque::new(),
             prefix,
+            #[cfg(debug_assertions)]
+            fault: super::fault::Fault::from_env(),
         }
     }
 
@@ -122,6 +126,8 @@ impl Scheduler {
             // Every admitted request: decoding, being read, or next in line.
             let admitted = self.running.len() + self.pending.len() + self.chunked.iter().count();
             self.stats.running.store(admitted as u32, Relaxed);
+            self.publish_cache_use();
+            self.stats.heartbeat.beat();
         }
         tracing::info!(model = %self.name, "model thread stopped");
     }
@@ -133,7 +139,10 @@ impl Scheduler {
         let mut joining = Vec::new();
         let idle = self.running.is_empty() && self.chunked.is_none() && self.pending.is_empty();
         if idle {
-            match self.inbox.jobs.blocking_recv() {
+            self.stats.heartbeat.idle();
+            let command = self.inbox.jobs.blocking_recv();
+            self.stats.heartbeat.busy();
+            match command {
                 Some(Command::Generate(job)) => joining.push(job),
                 Some(Command::Stop) => {}
                 None => return false,
@@ -194,6 +203,12 @@ impl Scheduler {
             }
             !gone
         });
+        #[cfg(debug_assertions)]
+        if let Some(fault) = &self.fault {
+            for job in &jobs {
+                fault.on_prompt(|| Decode::decode(self.tokenizer.as_ref(), &job.prompt_ids));
+            }
+        }
         let mut jobs = self.resume_cached(jobs);
         if self.chunked.is_some() {
             self.pending.extend(jobs);
@@ -216,6 +231,7 @@ impl Scheduler {
             let n = prefill_group_len(lengths, self.max_prefill_tokens);
             let group: Vec<Job> = jobs.drain(..n).collect();
             self.prefill(group);
+            self.stats.heartbeat.beat();
         }
     }
 
@@ -538,6 +554,16 @@ impl Scheduler {
             .store(&self.cache, i, tokens, prompt, seq.resumed);
     }
 
+    /// Publishes how much of the KV cache is in use, for the metrics.
+    fn publish_cache_use(&self) {
+        let chunked = self.chunked.as_ref();
+        let slots = self.running.len() + chunked.iter().count();
+        let tokens: usize =
+            self.running.iter().map(|s| s.cached).sum::<usize>() + chunked.map_or(0, |c| c.done);
+        self.stats.kv_slots_used.store(slots as u32, Relaxed);
+        self.stats.kv_tokens.store(tokens as u64, Relaxed);
+    }
+
     fn fail(&self, job: Job, message: &str) {
         tracing::error!(model = %self.name, request_id = %job.request_id, error = %message, "request failed");
         let err = ServerError::Compute {
@@ -547,8 +573,10 @@ impl Scheduler {
         let _ = job.events.send(Event::Failed(err));
     }
 
+    /// The request's one info line is the API's, written where its span and
+    /// metrics end; this one is for debugging the engine.
     fn log_finish(&self, job: &Job, f: &Finish) {
-        tracing::info!(
+        tracing::debug!(
             request_id = %job.request_id,
             model = %self.name,
             prompt_tokens = f.prompt_tokens,
@@ -563,7 +591,7 @@ impl Scheduler {
 
     fn log_cancel(&self, job: &Job, generated: usize) {
         Stats::add(&self.stats.cancelled, 1);
-        tracing::info!(request_id = %job.request_id, model = %self.name, completion_tokens = generated, "request cancelled by the client");
+        tracing::debug!(request_id = %job.request_id, model = %self.name, completion_tokens = generated, "request cancelled by the client");
     }
 }
 

@@ -1,6 +1,10 @@
-//! Counters a model thread publishes for GetStats and the logs.
+//! Counters a model thread publishes for GetStats, the metrics and the
+//! logs, and its heartbeat for the liveness probe.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use super::liveness::Heartbeat;
 
 /// Live counters of one engine (written by its model thread).
 #[derive(Debug, Default)]
@@ -24,6 +28,11 @@ pub struct Stats {
     /// What the prefix cache holds now: bytes of keys and values, entries.
     pub prefix_bytes: AtomicU64,
     pub prefix_entries: AtomicU64,
+    /// KV cache slots held: running sequences and the prompt read in chunks.
+    pub kv_slots_used: AtomicU32,
+    /// Tokens whose keys and values are in the cache.
+    pub kv_tokens: AtomicU64,
+    pub heartbeat: Arc<Heartbeat>,
 }
 
 impl Stats {

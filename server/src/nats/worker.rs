@@ -17,8 +17,7 @@ use torchwire_telemetry::opentelemetry::propagation::Extractor;
 use torchwire_telemetry::opentelemetry::{global, KeyValue};
 
 use super::Phase;
-use crate::api::metrics::RequestMetrics;
-use crate::api::span::{self, request_span, Transport};
+use crate::api::span::{self, Transport};
 use crate::api::Generator;
 use crate::error::ServerError;
 
@@ -101,8 +100,8 @@ impl Worker {
         let transport = Transport::Nats {
             subject: msg.subject.as_str(),
         };
-        let metrics = RequestMetrics::new(transport);
-        let span = request_span(transport, &NatsHeaders(msg.headers.as_ref()));
+        let (span, mut metrics) =
+            span::start_request(transport, &NatsHeaders(msg.headers.as_ref()));
         let encoding = Encoding::from_headers(msg.headers.as_ref());
         let delivery = msg.info().map(|i| i.delivered).unwrap_or(1);
         let reply_to = match headers::reply_subject(
@@ -129,13 +128,17 @@ impl Worker {
             last_delivery: delivery >= self.config.max_deliver,
             seq: 0,
         };
+        // Until the ids are checked, responses carry none: no header injection.
+        let header_id = headers::request_id(msg.headers.as_ref());
+        if let Ok(Some(id)) = &header_id {
+            metrics.request_id(id);
+        }
         let refuse = |err: ServerError| {
             span::record_error(&span, &err);
             metrics.failed(&err);
             err
         };
-        // Until the ids are checked, responses carry none: no header injection.
-        let header_id = match headers::request_id(msg.headers.as_ref()) {
+        let header_id = match header_id {
             Ok(id) => id.unwrap_or_default(),
             Err(e) => return out.reject(refuse(invalid(e))).await,
         };
