@@ -109,6 +109,18 @@ async fn metrics_follow_a_real_backlog_and_the_probes_answer() {
             .unwrap()
             > 0.0
     );
+    // The prefix cache's counters and sizes, beside the KV cache's.
+    for (name, kind) in [
+        ("torchwire_prefix_cache_hits_total", "counter"),
+        ("torchwire_prefix_cache_misses_total", "counter"),
+        ("torchwire_prefix_cache_tokens_reused_total", "counter"),
+        ("torchwire_prefix_cache_evictions_total", "counter"),
+        ("torchwire_prefix_cache_memory_bytes", "gauge"),
+        ("torchwire_prefix_cache_entries", "gauge"),
+    ] {
+        assert!(idle.has_type(name, kind), "{name}: {}", idle.text);
+        assert!(idle.value(name, &model).is_some(), "{name}: {}", idle.text);
+    }
     // Process metrics under the client libraries' names.
     assert!(
         idle.has_type("process_cpu_seconds_total", "counter"),
@@ -312,7 +324,17 @@ async fn a_stalled_model_thread_is_neither_live_nor_ready() {
 
 #[tokio::test]
 async fn a_model_thread_that_panicked_is_neither_live_nor_ready() {
-    let server = faulty_server("panic-on-prompt:CRASH-THE-ENGINE").await;
+    // With the engine breaker on (the default) the replica would exit at
+    // once; off, it stays up and its probes report the ended thread.
+    let server = Server::start_with_env(
+        &Server::default_args(&["--liveness-stall-secs", "1"]),
+        &[
+            ("TORCHWIRE_DEBUG_FAULT", "panic-on-prompt:CRASH-THE-ENGINE"),
+            ("TORCHWIRE_MAX_ENGINE_FAILURES", "0"),
+        ],
+    )
+    .await
+    .unwrap();
     let mut c = client(&server).await;
     let crash = GenerateRequest {
         prompt: "Please CRASH-THE-ENGINE now".into(),

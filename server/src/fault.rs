@@ -23,12 +23,17 @@ impl Fault {
     }
 }
 
-/// Parses a `TORCHWIRE_DEBUG_FAULT` value.
+/// The model thread's faults (`engine::fault`), which share the variable.
+const ENGINE_FAULTS: [&str; 3] = ["stall-on-prompt:", "panic-on-prompt:", "hold-load-until:"];
+
+/// Parses a `TORCHWIRE_DEBUG_FAULT` value; the model thread's faults are
+/// left to it.
 pub fn parse(value: &str) -> Result<Vec<Fault>, String> {
     value
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
+        .filter(|s| !ENGINE_FAULTS.iter().any(|p| s.starts_with(p)))
         .map(Fault::parse)
         .collect()
 }
@@ -77,6 +82,7 @@ mod tests {
             parse(" fail-generate , ").unwrap(),
             vec![Fault::FailGenerate]
         );
+        assert_eq!(parse("panic-on-prompt:X").unwrap(), vec![]);
         assert!(parse("fail-generate,explode")
             .unwrap_err()
             .contains("explode"));

@@ -38,7 +38,10 @@ impl Inference for InferenceService {
     ) -> Result<Response<GenerateStream>, Status> {
         let transport = Transport::Grpc { method: "Generate" };
         let (span, metrics) = start_request(transport, &GrpcMetadata(request.metadata()));
-        let stream = self.generator.generate(request.get_ref(), span, metrics).await?;
+        let stream = self
+            .generator
+            .generate(request.get_ref(), span, metrics)
+            .await?;
         Ok(Response::new(Box::pin(
             stream.map(|item| item.map_err(Status::from)),
         )))

@@ -28,8 +28,13 @@ impl Fault {
     /// fault is ignored with a warning.
     pub fn from_env() -> Option<Self> {
         let value = std::env::var(VARIABLE).ok()?;
-        let fault = Self::parse(&value);
-        if fault.is_none() {
+        // Items without an argument (`fail-generate`) are `crate::fault`'s.
+        let fault = value
+            .split(',')
+            .map(str::trim)
+            .filter(|item| item.contains(':'))
+            .find_map(Self::parse);
+        if fault.is_none() && value.contains(':') {
             tracing::warn!(variable = VARIABLE, %value, "no such debug fault; ignored");
         }
         fault

@@ -4,8 +4,8 @@
 #[cfg(debug_assertions)]
 pub(crate) mod fault;
 pub mod kv_cache;
-pub mod prefix_cache;
 pub mod liveness;
+pub mod prefix_cache;
 pub mod request;
 pub mod sampler;
 mod scheduler;

@@ -123,9 +123,7 @@ impl Scheduler {
             if !self.running.is_empty() {
                 self.decode_step();
             }
-            // Every admitted request: decoding, being read, or next in line.
-            let admitted = self.running.len() + self.pending.len() + self.chunked.iter().count();
-            self.stats.running.store(admitted as u32, Relaxed);
+            self.publish_admitted(0);
             self.publish_cache_use();
             self.stats.heartbeat.beat();
         }
@@ -398,9 +396,24 @@ impl Scheduler {
             }
         }
         self.running = running;
+        if !done.is_empty() {
+            // Published before the removals (which may copy prefixes into
+            // the prefix cache): a client that saw its stream end reads a
+            // count without it.
+            self.publish_admitted(done.len());
+        }
         for i in done.into_iter().rev() {
             self.remove(i);
         }
+    }
+
+    /// Publishes how many requests are admitted: decoding, being read, or
+    /// next in line, less `leaving` that finished this step.
+    fn publish_admitted(&self, leaving: usize) {
+        let admitted = self.running.len() + self.pending.len() + self.chunked.iter().count();
+        self.stats
+            .running
+            .store(admitted.saturating_sub(leaving) as u32, Relaxed);
     }
 
     /// Samples one token per row of `logits` (`[B, vocab]`, float32). Plain
