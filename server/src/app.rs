@@ -93,9 +93,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
         grace_secs = config.shutdown_grace_secs,
         "shutting down: draining"
     );
+    // New work is refused before health says NOT_SERVING: a client that
+    // saw the change is never served by this replica.
+    generator.start_draining();
     health.set_phase(Phase::Draining).await;
     let _ = phase_tx.send(nats::Phase::Draining);
-    generator.start_draining();
     let left = generator
         .drain(Duration::from_secs(config.shutdown_grace_secs))
         .await;
