@@ -21,7 +21,7 @@ serve *ARGS: build
 # Run the whole test suite: unit, parity with Hugging Face transformers, and
 # end-to-end tests against the real binaries and a real nats-server.
 test:
-    {{env}} && cargo build --workspace --bins && cargo test --workspace --no-fail-fast -- --test-threads 4
+    {{env}} && export CARGO_INCREMENTAL=0 && cargo build --workspace --bins && cargo test --workspace --no-fail-fast -- --test-threads 4
 
 # Format and lint as CI expects.
 lint:
