@@ -42,3 +42,7 @@ bench-compare *ARGS: build
 # Prefix reuse on a multi-turn agent workload, reuse on against off (see BENCHMARKS.md; flags go to scripts/prefix_reuse_bench.py).
 bench-prefix *ARGS: build
     {{env}} && python scripts/prefix_reuse_bench.py {{ARGS}}
+
+# A chat turn through a session against the same turn inline, with a real nats-server (see BENCHMARKS.md; flags go to scripts/session_bench.py).
+bench-sessions *ARGS: build
+    {{env}} && python scripts/session_bench.py {{ARGS}}

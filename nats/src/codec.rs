@@ -7,7 +7,7 @@ use std::fmt;
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use prost::Message;
-use torchwire_proto::v1::{GenerateRequest, GenerateResponse};
+use torchwire_proto::v1::{ChatRequest, GenerateRequest, GenerateResponse};
 
 use crate::headers;
 use crate::NatsError;
@@ -74,6 +74,16 @@ pub fn decode_request(body: &[u8], encoding: Encoding) -> Result<GenerateRequest
 
 /// Encodes a request body (for publishers: the CLI, tests).
 pub fn encode_request(request: &GenerateRequest, encoding: Encoding) -> Bytes {
+    encode(request, encoding)
+}
+
+/// Decodes a chat request body (`Torchwire-Method: Chat`).
+pub fn decode_chat_request(body: &[u8], encoding: Encoding) -> Result<ChatRequest, NatsError> {
+    decode(body, encoding)
+}
+
+/// Encodes a chat request body (for publishers: the CLI, tests).
+pub fn encode_chat_request(request: &ChatRequest, encoding: Encoding) -> Bytes {
     encode(request, encoding)
 }
 

@@ -26,6 +26,47 @@ pub const JSON: &str = "application/json";
 pub const PROTOBUF: &str = "application/protobuf";
 /// Value of [`FINAL`] on the last response.
 pub const TRUE: &str = "true";
+/// What the request body is: [`GENERATE`] (a `GenerateRequest`, the
+/// default when absent) or [`CHAT`] (a `ChatRequest`).
+pub const METHOD: &str = "Torchwire-Method";
+/// [`METHOD`] of a `GenerateRequest`.
+pub const GENERATE: &str = "Generate";
+/// [`METHOD`] of a `ChatRequest`.
+pub const CHAT: &str = "Chat";
+
+/// The call a request message asks for (its [`METHOD`] header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Generate,
+    Chat,
+}
+
+impl Method {
+    /// The header value for this method.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Generate => GENERATE,
+            Self::Chat => CHAT,
+        }
+    }
+}
+
+/// The [`METHOD`] of a request: Generate when absent; names are matched
+/// case-insensitively; anything else is refused.
+pub fn method(headers: Option<&HeaderMap>) -> Result<Method, NatsError> {
+    match get(headers, METHOD)? {
+        None | Some("") => Ok(Method::Generate),
+        Some(m) if m.eq_ignore_ascii_case(GENERATE) => Ok(Method::Generate),
+        Some(m) if m.eq_ignore_ascii_case(CHAT) => Ok(Method::Chat),
+        Some(m) => Err(NatsError::invalid(
+            METHOD,
+            format!(
+                "must be {GENERATE} or {CHAT}, got {:?}",
+                m.chars().take(32).collect::<String>()
+            ),
+        )),
+    }
+}
 
 /// Longest reply subject accepted, in bytes.
 pub const MAX_REPLY_SUBJECT_BYTES: usize = 256;
@@ -165,6 +206,26 @@ mod tests {
             h.append(*k, *v);
         }
         h
+    }
+
+    #[test]
+    fn the_method_header_picks_the_body_and_refuses_others() {
+        assert_eq!(method(None).unwrap(), Method::Generate);
+        for (value, want) in [
+            ("", Method::Generate),
+            ("Generate", Method::Generate),
+            ("chat", Method::Chat),
+            ("CHAT", Method::Chat),
+        ] {
+            assert_eq!(method(Some(&headers(&[(METHOD, value)]))).unwrap(), want);
+        }
+        for bad in [
+            headers(&[(METHOD, "Embed")]),
+            headers(&[(METHOD, "Chat"), (METHOD, "Generate")]),
+        ] {
+            let err = method(Some(&bad)).unwrap_err().to_string();
+            assert!(err.contains(METHOD), "{err}");
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use crate::api::{gauges, Generator, InferenceService, Models};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::ServerError;
-use crate::{nats, security};
+use crate::{nats, security, session};
 
 pub(crate) const INFERENCE_SERVICE: &str = "torchwire.v1.Inference";
 
@@ -70,6 +70,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> anyhow::
             return Ok(());
         }
     };
+    let generator = generator.with_sessions(session::connect(&config).await?);
     let (phase_tx, phase_rx) = tokio::sync::watch::channel(nats::Phase::Running);
     let consumer = if config.nats_enabled() {
         let consumer = nats::Consumer::connect(&config.nats).await?;

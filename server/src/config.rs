@@ -31,7 +31,7 @@ const DEFAULT_CONFIG_FILE: &str = "torchwire.toml";
 const ENV: EnvLayout = EnvLayout {
     prefix: "TORCHWIRE_",
     description: "TORCHWIRE_* environment variables",
-    tables: &["nats", "tls", "auth", "limits"],
+    tables: &["nats", "tls", "auth", "limits", "sessions"],
     // Only these are parsed as numbers: a password of digits or a model
     // named "true" stays a string.
     typed_keys: &[
@@ -63,6 +63,9 @@ const ENV: EnvLayout = EnvLayout {
         "max_age_secs",
         "max_engine_failures",
         "liveness_stall_secs",
+        "sessions.enabled",
+        "sessions.ttl_secs",
+        "sessions.replicas",
     ],
     list_keys: &[],
     // Other torchwire programs' variables and the toolchain scripts'.
@@ -206,6 +209,8 @@ pub struct Config {
     pub auth: crate::security::AuthConfig,
     /// Limits of the gRPC port.
     pub limits: crate::api::limits::LimitsConfig,
+    /// Where conversations are kept (with `nats.url`).
+    pub sessions: crate::session::SessionConfig,
     /// Seconds between checks of the TLS and token files for changes
     /// (0 = reread on SIGHUP only).
     pub reload_interval_secs: u64,
@@ -230,6 +235,7 @@ impl Default for Config {
             tls: Default::default(),
             auth: Default::default(),
             limits: Default::default(),
+            sessions: Default::default(),
             reload_interval_secs: 10,
             max_engine_failures: 3,
         }
@@ -432,6 +438,7 @@ impl Config {
         self.tls.validate()?;
         self.auth.validate()?;
         self.limits.validate()?;
+        self.sessions.validate()?;
         if let Some(0) = self.threads {
             return Err(ServerError::config("threads", "must be at least 1"));
         }
@@ -539,6 +546,18 @@ impl Config {
     /// True when the NATS request path is configured.
     pub fn nats_enabled(&self) -> bool {
         self.nats.url.as_deref().is_some_and(|u| !u.is_empty())
+    }
+
+    /// Whether chat turns may name a session (NATS is configured and
+    /// sessions are not turned off); if not, why.
+    pub fn sessions_enabled(&self) -> Result<(), String> {
+        if !self.nats_enabled() {
+            Err("sessions are not served: this server has no nats.url".into())
+        } else if !self.sessions.enabled {
+            Err("sessions are turned off on this server (sessions.enabled = false)".into())
+        } else {
+            Ok(())
+        }
     }
 
     /// The name of the model used when a request names none.

@@ -52,6 +52,25 @@ pub enum ServerError {
     /// The model's chat template failed to render (not a refusal of the input).
     #[error("the chat template of model {model:?} failed: {message}")]
     ChatTemplate { model: String, message: String },
+    /// A session was asked for where sessions are not served; says why.
+    #[error("session_id: {0}")]
+    SessionsOff(String),
+    /// The session does not exist (never created, deleted or expired).
+    #[error("session_id: no session {0:?} (never created, deleted, or expired)")]
+    SessionNotFound(String),
+    /// Another turn of the session was stored first; nothing was stored.
+    #[error("{0}")]
+    SessionConflict(String),
+    /// The session store could not be reached; retryable.
+    #[error("session store unavailable: {0}")]
+    SessionStore(String),
+    /// A stored session cannot be decoded (or encoded).
+    #[error("{0}")]
+    SessionCorrupt(String),
+    /// The turn cannot be served from this session as asked (its model, or
+    /// a conversation that no longer fits the context); says why.
+    #[error("{0}")]
+    SessionRefused(String),
     /// A configuration value is invalid; `key` names it.
     #[error("config {key}: {message}")]
     Config { key: String, message: String },
@@ -81,7 +100,13 @@ impl ServerError {
             Self::ModelNotFound(_) => Code::NotFound,
             Self::Overloaded { .. } | Self::QueueTimeout { .. } => Code::ResourceExhausted,
             Self::ShuttingDown | Self::EngineStopped(_) => Code::Unavailable,
-            Self::NoChatTemplate(_) => Code::FailedPrecondition,
+            Self::NoChatTemplate(_) | Self::SessionsOff(_) | Self::SessionRefused(_) => {
+                Code::FailedPrecondition
+            }
+            Self::SessionNotFound(_) => Code::NotFound,
+            Self::SessionConflict(_) => Code::Aborted,
+            Self::SessionStore(_) => Code::Unavailable,
+            Self::SessionCorrupt(_) => Code::Internal,
             Self::ChatTemplate { .. } => Code::Internal,
             Self::Compute { .. } | Self::Load { .. } | Self::Config { .. } => Code::Internal,
         }

@@ -12,4 +12,5 @@ pub mod fault;
 pub mod model;
 pub mod nats;
 pub mod security;
+pub mod session;
 pub mod threads;

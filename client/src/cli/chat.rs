@@ -32,6 +32,11 @@ pub struct ChatArgs {
     /// if it exists.
     #[arg(long, value_name = "ID")]
     session: Option<String>,
+    /// With --session: when the conversation outgrows the model's context,
+    /// let the server drop its oldest turns (the system message stays)
+    /// instead of refusing the turn.
+    #[arg(long, requires = "session")]
+    truncate_history: bool,
     /// One turn for scripts: read the messages from FILE (`-` = stdin), as a
     /// JSON array of {"role", "content"} objects or a ChatRequest object
     /// (canonical protobuf JSON), print the answer and exit.
@@ -85,6 +90,7 @@ async fn one_turn(client: &Client, args: &ChatArgs, path: &PathBuf) -> anyhow::R
     if let Some(id) = &args.session {
         request.session_id = id.clone();
     }
+    request.truncate_history |= args.truncate_history;
     if args.render {
         let rendered = client
             .render_chat(RenderChatRequest {
@@ -199,6 +205,7 @@ struct Conversation {
     system: Option<String>,
     options: torchwire_client::proto::GenerationOptions,
     session: Option<String>,
+    truncate_history: bool,
     /// Stateless: every message so far. With a session: the messages of
     /// the turn being sent (the server has the rest).
     messages: Vec<ChatMessage>,
@@ -215,6 +222,7 @@ impl Conversation {
             system: args.system.clone(),
             options: args.options.options(),
             session: args.session.clone(),
+            truncate_history: args.truncate_history,
             messages: vec![],
             mode: SessionMode::Auto,
             opening: true,
@@ -264,6 +272,7 @@ impl Conversation {
             options: Some(self.options.clone()),
             session_id: self.session.clone().unwrap_or_default(),
             session_mode: self.mode as i32,
+            truncate_history: self.truncate_history,
             ..Default::default()
         }
     }

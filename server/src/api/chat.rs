@@ -93,7 +93,7 @@ impl Generator {
     /// Checks `messages` and renders them with `engine`'s template, on the
     /// blocking pool (at most as many renders and tokenizations at once as
     /// there are cores), never on the async runtime.
-    async fn render_on(
+    pub(crate) async fn render_on(
         &self,
         engine: &Engine,
         messages: &[pb::ChatMessage],
@@ -120,7 +120,7 @@ impl Generator {
 }
 
 /// The bytes of text in `messages` (what the prompt size limit counts).
-fn message_bytes(messages: &[pb::ChatMessage]) -> usize {
+pub(crate) fn message_bytes(messages: &[pb::ChatMessage]) -> usize {
     messages
         .iter()
         .map(|m| {

@@ -23,6 +23,7 @@ use crate::engine::request::{Chunk, Event, Finish, FinishReason};
 use crate::engine::Engine;
 use crate::error::ServerError;
 use crate::fault::{self, Fault};
+use crate::session::turn::Sessions;
 
 /// Generates for every transport; tracks streams in flight for shutdown.
 #[derive(Clone)]
@@ -32,6 +33,7 @@ pub struct Generator {
     in_flight: Arc<InFlight>,
     limits: Arc<LimitsConfig>,
     breaker: Arc<Breaker>,
+    sessions: Arc<Sessions>,
 }
 
 #[derive(Default)]
@@ -48,7 +50,26 @@ impl Generator {
             in_flight: Arc::default(),
             limits: Arc::default(),
             breaker: Arc::new(Breaker::new(0)),
+            sessions: Arc::new(Sessions::Off(
+                "sessions are not served: this server has no nats.url".into(),
+            )),
         }
+    }
+
+    /// Serves chat turns with a `session_id` from `sessions` from now on.
+    pub fn with_sessions(mut self, sessions: Sessions) -> Self {
+        self.sessions = Arc::new(sessions);
+        self
+    }
+
+    /// Where conversations are kept, if anywhere.
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
+    }
+
+    /// A handle on [`sessions`](Self::sessions) that outlives this call.
+    pub(crate) fn sessions_handle(&self) -> Arc<Sessions> {
+        self.sessions.clone()
     }
 
     /// Applies the prompt size and queue wait limits from now on.
@@ -106,13 +127,22 @@ impl Generator {
                 InFlightGuard::new(&self.in_flight),
                 self.breaker.clone(),
             )),
-            Err(e) => {
-                self.breaker.failure(&e);
-                span::record_error(&span, &e);
-                metrics.failed(&e);
-                Err(e)
-            }
+            Err(e) => Err(self.refused(e, &span, metrics)),
         }
+    }
+
+    /// Records a request refused before it was queued, on the breaker, the
+    /// span and the metrics; returns the error.
+    pub(crate) fn refused(
+        &self,
+        err: ServerError,
+        span: &Span,
+        metrics: RequestMetrics,
+    ) -> ServerError {
+        self.breaker.failure(&err);
+        span::record_error(span, &err);
+        metrics.failed(&err);
+        err
     }
 
     async fn accept(

@@ -8,11 +8,12 @@ use torchwire_proto::v1 as pb;
 use torchwire_proto::v1::inference_server::Inference;
 use torchwire_telemetry::GrpcMetadata;
 
-use super::chat::ChatTurn;
-use super::generate::{Generator, ResponseStream};
+use super::generate::Generator;
 use super::span::{start_request, Transport};
 use super::validate;
 use crate::engine::stats::Stats;
+use crate::error::ServerError;
+use crate::session::turn::ChatStream;
 
 /// Implements `torchwire.v1.Inference` on top of a [`Generator`].
 pub struct InferenceService {
@@ -181,11 +182,12 @@ impl Inference for InferenceService {
         request: Request<pb::RenderChatRequest>,
     ) -> Result<Response<pb::RenderChatResponse>, Status> {
         let req = request.into_inner();
-        if !req.session_id.is_empty() {
-            return Err(Status::unimplemented("sessions are not implemented yet"));
-        }
-        let rendered = self.generator.render(&req.model, &req.messages).await?;
-        let model = self.generator.models().get(&req.model)?.info.name.clone();
+        let (model, messages) = self
+            .generator
+            .with_history(&req.session_id, &req.model, &req.messages)
+            .await?;
+        let rendered = self.generator.render(&model, &messages).await?;
+        let model = self.generator.models().get(&model)?.info.name.clone();
         Ok(Response::new(pb::RenderChatResponse {
             prompt: rendered.prompt,
             count: rendered.token_ids.len() as u32,
@@ -196,16 +198,26 @@ impl Inference for InferenceService {
 
     async fn get_session(
         &self,
-        _: Request<pb::GetSessionRequest>,
+        request: Request<pb::GetSessionRequest>,
     ) -> Result<Response<pb::GetSessionResponse>, Status> {
-        Err(Status::unimplemented("sessions are not implemented yet"))
+        let session = self
+            .generator
+            .get_session(&request.get_ref().session_id)
+            .await?;
+        Ok(Response::new(pb::GetSessionResponse {
+            session: Some(session),
+        }))
     }
 
     async fn delete_session(
         &self,
-        _: Request<pb::DeleteSessionRequest>,
+        request: Request<pb::DeleteSessionRequest>,
     ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
-        Err(Status::unimplemented("sessions are not implemented yet"))
+        let deleted = self
+            .generator
+            .delete_session(&request.get_ref().session_id)
+            .await?;
+        Ok(Response::new(pb::DeleteSessionResponse { deleted }))
     }
 }
 
@@ -215,21 +227,20 @@ impl InferenceService {
         &self,
         request: Request<pb::ChatRequest>,
         transport: Transport<'static>,
-    ) -> Result<ResponseStream, Status> {
+    ) -> Result<ChatStream, Status> {
         let (span, metrics) = start_request(transport, &GrpcMetadata(request.metadata()));
-        let req = request.into_inner();
-        if !req.session_id.is_empty() {
-            return Err(Status::unimplemented("sessions are not implemented yet"));
-        }
-        Ok(self
+        let turn = self
             .generator
-            .chat(ChatTurn::of_request(&req), span, metrics)
-            .await?)
+            .chat_turn(request.get_ref(), span, metrics)
+            .await?;
+        Ok(turn.stream)
     }
 }
 
 /// Gathers a whole generation into one message (Complete, ChatComplete).
-async fn collect(mut stream: ResponseStream) -> Result<pb::GenerateResponse, Status> {
+async fn collect(
+    mut stream: impl Stream<Item = Result<pb::GenerateResponse, ServerError>> + Unpin,
+) -> Result<pb::GenerateResponse, Status> {
     let mut whole = pb::GenerateResponse::default();
     while let Some(msg) = stream.next().await {
         let msg = msg?;

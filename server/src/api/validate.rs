@@ -242,6 +242,13 @@ pub struct Checked {
     arrived: Instant,
 }
 
+impl Checked {
+    /// The tokens asked for, if the request set a number.
+    pub fn max_new_tokens(&self) -> Option<u32> {
+        self.max_new_tokens
+    }
+}
+
 /// Checks the request id and generation options into `bad`.
 fn check_options(
     request_id: &str,

@@ -20,6 +20,45 @@ use super::Phase;
 use crate::api::span::{self, Transport};
 use crate::api::Generator;
 use crate::error::ServerError;
+use crate::session::turn::ChatStream;
+
+/// A request message's body, by its `Torchwire-Method` header.
+enum Work {
+    Generate(pb::GenerateRequest),
+    Chat(pb::ChatRequest),
+}
+
+impl Work {
+    fn decode(
+        method: headers::Method,
+        body: &[u8],
+        encoding: Encoding,
+    ) -> Result<Self, ServerError> {
+        let bad = |e: NatsError| ServerError::invalid("message", e.to_string());
+        Ok(match method {
+            headers::Method::Generate => {
+                Self::Generate(codec::decode_request(body, encoding).map_err(bad)?)
+            }
+            headers::Method::Chat => {
+                Self::Chat(codec::decode_chat_request(body, encoding).map_err(bad)?)
+            }
+        })
+    }
+
+    fn request_id(&self) -> &str {
+        match self {
+            Self::Generate(r) => &r.request_id,
+            Self::Chat(r) => &r.request_id,
+        }
+    }
+
+    fn request_id_mut(&mut self) -> &mut String {
+        match self {
+            Self::Generate(r) => &mut r.request_id,
+            Self::Chat(r) => &mut r.request_id,
+        }
+    }
+}
 
 /// Extra header on responses: which delivery of the request produced them
 /// (1 = first), so subscribers recognise a redelivered request.
@@ -142,47 +181,63 @@ impl Worker {
             Ok(id) => id.unwrap_or_default(),
             Err(e) => return out.reject(refuse(invalid(e))).await,
         };
-        let mut request = match codec::decode_request(&msg.payload, encoding) {
-            Ok(r) => r,
+        let work = headers::method(msg.headers.as_ref())
+            .map_err(invalid)
+            .and_then(|method| Work::decode(method, &msg.payload, encoding));
+        let mut work = match work {
+            Ok(w) => w,
             Err(e) => {
                 out.request_id = header_id;
-                return out
-                    .reject(refuse(ServerError::invalid("message", e.to_string())))
-                    .await;
+                return out.reject(refuse(e)).await;
             }
         };
-        if let Err(e) = headers::check_request_id("request_id", &request.request_id) {
+        if let Err(e) = headers::check_request_id("request_id", work.request_id()) {
             out.request_id = header_id;
             return out.reject(refuse(invalid(e))).await;
         }
-        if request.request_id.is_empty() {
-            request.request_id = header_id;
+        if work.request_id().is_empty() {
+            *work.request_id_mut() = header_id;
         }
         // Errors before generation starts carry the id too.
-        out.request_id = request.request_id.clone();
+        out.request_id = work.request_id().to_string();
         if delivery > 1 {
-            tracing::info!(request_id = %request.request_id, delivery, "NATS: redelivered request");
+            tracing::info!(request_id = %out.request_id, delivery, "NATS: redelivered request");
         }
         if self.generator.breaker().is_tripped() {
             // Pulled just before this replica took itself out of service.
             return out.retry(refuse(ServerError::ShuttingDown), None).await;
         }
         let backoff = self.config.retry_delay(delivery);
-        let mut stream = match self.generator.generate(&request, span, metrics).await {
-            Ok(s) => s,
+        let started = match &work {
+            Work::Generate(request) => self
+                .generator
+                .generate(request, span, metrics)
+                .await
+                .map(|s| (s.request_id().to_string(), Box::pin(s) as ChatStream)),
+            Work::Chat(request) => self
+                .generator
+                .chat_turn(request, span, metrics)
+                .await
+                .map(|turn| (turn.request_id, turn.stream)),
+        };
+        let mut stream = match started {
+            Ok((request_id, stream)) => {
+                out.request_id = request_id;
+                stream
+            }
             Err(e) => {
                 return match e {
                     ServerError::Overloaded { .. } => out.retry(e, Some(OVERLOAD_RETRY)).await,
                     ServerError::ShuttingDown => out.retry(e, None).await,
-                    // Left for a replica that serves the model (or whose engine works).
-                    ServerError::ModelNotFound(_) | ServerError::EngineStopped(_) => {
-                        out.retry(e, Some(backoff)).await
-                    }
+                    // Left for a replica that serves the model (or whose
+                    // engine works, or that reaches the session store).
+                    ServerError::ModelNotFound(_)
+                    | ServerError::EngineStopped(_)
+                    | ServerError::SessionStore(_) => out.retry(e, Some(backoff)).await,
                     other => out.reject(other).await,
                 };
             }
         };
-        out.request_id = stream.request_id().to_string();
 
         // Progress acks well inside ack_wait, so a long generation never expires.
         let mut progress =
@@ -198,6 +253,9 @@ impl Worker {
                             return if out.flush().await { Settle::Ack } else { Settle::Nak(None) };
                         }
                     }
+                    // Another turn of the session was stored first: the
+                    // publisher decides whether to send this one again.
+                    Some(Err(e @ ServerError::SessionConflict(_))) => return out.reject(e).await,
                     // Generation failed midway (e.g. out of memory): another
                     // replica may do better, later; max_deliver bounds the tries.
                     Some(Err(e)) => return out.retry(e, Some(backoff)).await,
