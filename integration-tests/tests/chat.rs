@@ -202,6 +202,15 @@ async fn chat_renders_the_template_streams_and_counts_like_tokenize() {
         answer.finish_reason(),
         FinishReason::EndOfSequence | FinishReason::Length
     ));
+    // An end-of-sequence token is reported as the last token id, never in
+    // the text (the template writes its own `<|eos|>` after an answer).
+    let eos = answer.token_ids.iter().position(|&t| t == 1);
+    if answer.finish_reason() == FinishReason::EndOfSequence {
+        assert_eq!(eos, Some(answer.token_ids.len() - 1), "{answer:?}");
+    } else {
+        assert_eq!(eos, None, "{answer:?}");
+    }
+    assert!(!answer.text.contains("<|eos|>"), "{answer:?}");
 }
 
 #[tokio::test]
