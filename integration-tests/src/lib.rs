@@ -4,15 +4,19 @@
 
 mod admin;
 mod background;
+mod cli;
 mod nats;
 mod pki;
 mod process;
+mod wait;
 
 pub use admin::{http_get, http_status, HttpResponse, Metrics};
 pub use background::BackgroundGrpc;
+pub use cli::{torchwire, CLI_TIMEOUT};
 pub use nats::NatsServer;
 pub use pki::Pki;
 pub use process::{binary_path, repo_root, ChildProcess, Scaler, Server};
+pub use wait::until;
 
 /// The model that ships with the repository (or the checkpoint named by
 /// `TORCHWIRE_TEST_MODEL`, to run the suite against another one).
@@ -32,4 +36,17 @@ pub fn tagged_request(id: &str, tokens: u32) -> torchwire_proto::v1::GenerateReq
         ignore_eos: true,
         ..Default::default()
     }
+}
+
+/// The `GetStats` figures of the server's first model.
+pub async fn model_stats(
+    client: &mut torchwire_proto::v1::inference_client::InferenceClient<tonic::transport::Channel>,
+) -> torchwire_proto::v1::ModelStats {
+    client
+        .get_stats(torchwire_proto::v1::GetStatsRequest::default())
+        .await
+        .expect("GetStats answers")
+        .into_inner()
+        .models
+        .remove(0)
 }

@@ -6,7 +6,7 @@
 //! fault switch, `TORCHWIRE_DEBUG_FAULT`); every request ends with one JSON
 //! log line.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use tonic::Code;
@@ -14,7 +14,7 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use torchwire_integration_tests::{
-    http_get, http_status, tagged_request, ChildProcess, Metrics, Server,
+    http_get, http_status, tagged_request, until, ChildProcess, Metrics, Server,
 };
 use torchwire_proto::v1::inference_client::InferenceClient;
 use torchwire_proto::v1::GenerateRequest;
@@ -32,21 +32,6 @@ async fn client(server: &ChildProcess) -> Client {
 /// 512-token context.
 fn long_request(id: &str) -> GenerateRequest {
     tagged_request(id, 480)
-}
-
-/// Polls `check` every 50 ms until it returns `Some`, for at most `WAIT`.
-async fn until<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn grpc_health(server: &ChildProcess) -> i32 {
@@ -151,7 +136,7 @@ async fn metrics_follow_a_real_backlog_and_the_probes_answer() {
             .into_inner();
         streams.push(stream);
     }
-    let busy = until("four requests queued, one running", async || {
+    let busy = until("four requests queued, one running", WAIT, async || {
         let m = scrape(&server).await;
         (m.value("inference_queue_length", &model) == Some(4.0)
             && m.value("torchwire_batch_running", &model) == Some(1.0))
@@ -176,7 +161,7 @@ async fn metrics_follow_a_real_backlog_and_the_probes_answer() {
         ("gen_ai_request_model", model_name.as_str()),
         ("torchwire_outcome", "cancelled"),
     ];
-    let drained = until("the queue to drain", async || {
+    let drained = until("the queue to drain", WAIT, async || {
         let m = scrape(&server).await;
         (m.value("inference_queue_length", &model) == Some(0.0)
             && m.value("torchwire_requests_total", &cancelled) == Some(5.0))
@@ -275,14 +260,14 @@ async fn faulty_server(fault: &str) -> Server {
 /// NOT_SERVING; returns the `/livez` body.
 async fn until_not_live(server: &ChildProcess) -> String {
     let admin = server.admin_addr();
-    let body = until("/livez to fail", async || {
+    let body = until("/livez to fail", WAIT, async || {
         let live = http_get(admin, "/livez").await.unwrap();
         (live.status == 503).then_some(live.body)
     })
     .await;
     let ready = http_get(admin, "/readyz").await.unwrap();
     assert_eq!(ready.status, 503, "not live is not ready: {}", ready.body);
-    until("gRPC health NOT_SERVING", async || {
+    until("gRPC health NOT_SERVING", WAIT, async || {
         (grpc_health(server).await == ServingStatus::NotServing as i32).then_some(())
     })
     .await;
@@ -353,7 +338,7 @@ async fn a_model_thread_that_panicked_is_neither_live_nor_ready() {
     until_not_live(&server).await;
     // The thread may look stalled while its panic is reported; then it is gone.
     let admin = server.admin_addr();
-    until("/livez to say the thread ended", async || {
+    until("/livez to say the thread ended", WAIT, async || {
         let live = http_get(admin, "/livez").await.unwrap();
         (live.status == 503 && live.body.contains("model thread has ended")).then_some(())
     })
@@ -448,7 +433,7 @@ async fn every_request_ends_with_one_json_log_line() {
         Code::InvalidArgument
     );
 
-    let line = until("the request's log line", async || {
+    let line = until("the request's log line", WAIT, async || {
         request_lines(&server, "logged-1").pop()
     })
     .await;
@@ -466,7 +451,7 @@ async fn every_request_ends_with_one_json_log_line() {
     }
     assert!(f["ttft_ms"].as_f64() <= f["total_ms"].as_f64(), "{line}");
 
-    let bad = until("the refused request's log line", async || {
+    let bad = until("the refused request's log line", WAIT, async || {
         request_lines(&server, "logged-bad").pop()
     })
     .await;

@@ -352,31 +352,9 @@ async fn bad_chats_get_clear_statuses_and_the_server_keeps_serving() {
     assert!(!ok.token_ids.is_empty());
 }
 
-/// Runs `torchwire --addr <addr> args...` with `input` on stdin.
+/// Runs `torchwire --addr <addr> args...` with `input` on stdin; it must succeed.
 async fn torchwire_cli(addr: &str, args: &[&str], input: &str) -> std::process::Output {
-    use tokio::io::AsyncWriteExt;
-    let mut child =
-        tokio::process::Command::new(torchwire_integration_tests::binary_path("torchwire"))
-            .arg("--addr")
-            .arg(addr)
-            .args(args)
-            .env_remove("TORCHWIRE_ADDR")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("torchwire runs");
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(input.as_bytes()).await.unwrap();
-    drop(stdin);
-    let out = tokio::time::timeout(
-        std::time::Duration::from_secs(180),
-        child.wait_with_output(),
-    )
-    .await
-    .expect("torchwire chat ends")
-    .unwrap();
+    let out = torchwire_integration_tests::torchwire(addr, args, Some(input)).await;
     assert!(
         out.status.success(),
         "torchwire {args:?}: {:?}\nstdout:\n{}\nstderr:\n{}",

@@ -2,55 +2,14 @@
 //! against the real server on port 0 with the bundled model.
 
 use std::process::Output;
-use std::time::Duration;
 
-use torchwire_integration_tests::{binary_path, Server};
+use torchwire_integration_tests::{torchwire, Server};
 use torchwire_proto::v1::inference_client::InferenceClient;
 use torchwire_proto::v1::{FinishReason, GenerateResponse, ListModelsRequest, TokenizeRequest};
-
-/// Longest any single CLI invocation may take.
-const CLI_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Exit codes documented in `torchwire --help`.
 const EXIT_UNAVAILABLE: i32 = 3;
 const EXIT_INVALID: i32 = 4;
-
-/// Runs `torchwire --addr <addr> args...` and returns its output.
-async fn torchwire(addr: &str, args: &[&str]) -> Output {
-    let mut cmd = tokio::process::Command::new(binary_path("torchwire"));
-    cmd.arg("--addr")
-        .arg(addr)
-        .args(args)
-        .env_remove("TORCHWIRE_ADDR")
-        .kill_on_drop(true);
-    tokio::time::timeout(CLI_TIMEOUT, cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("torchwire {args:?} ran longer than {CLI_TIMEOUT:?}"))
-        .expect("torchwire runs")
-}
-
-/// Like [`torchwire`], with `input` on standard input.
-async fn torchwire_with_stdin(addr: &str, args: &[&str], input: &str) -> Output {
-    use tokio::io::AsyncWriteExt;
-    let mut child = tokio::process::Command::new(binary_path("torchwire"))
-        .arg("--addr")
-        .arg(addr)
-        .args(args)
-        .env_remove("TORCHWIRE_ADDR")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("torchwire runs");
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(input.as_bytes()).await.unwrap();
-    drop(stdin);
-    tokio::time::timeout(CLI_TIMEOUT, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("torchwire {args:?} ran longer than {CLI_TIMEOUT:?}"))
-        .expect("torchwire runs")
-}
 
 fn stdout(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).expect("stdout is UTF-8")
@@ -83,6 +42,7 @@ async fn generate_streams_text_and_reports_a_summary() {
             "12",
             "--ignore-eos",
         ],
+        None,
     )
     .await;
     assert_success(&out);
@@ -108,6 +68,7 @@ async fn generate_json_prints_one_response_per_line() {
             "--request-id",
             "cli-json",
         ],
+        None,
     )
     .await;
     assert_success(&out);
@@ -154,8 +115,8 @@ async fn the_same_seed_gives_the_same_sampled_text() {
         "1234",
         "--quiet",
     ];
-    let first = torchwire(&server.url(), &args).await;
-    let second = torchwire(&server.url(), &args).await;
+    let first = torchwire(&server.url(), &args, None).await;
+    let second = torchwire(&server.url(), &args, None).await;
     assert_success(&first);
     assert_success(&second);
     assert!(!stdout(&first).is_empty());
@@ -177,12 +138,12 @@ async fn models_tokenize_stats_and_health() {
         .unwrap()
         .into_inner();
 
-    let out = torchwire(&server.url(), &["models", "--json"]).await;
+    let out = torchwire(&server.url(), &["models", "--json"], None).await;
     assert_success(&out);
     let listed: torchwire_proto::v1::ListModelsResponse =
         serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(listed, served);
-    let out = torchwire(&server.url(), &["models"]).await;
+    let out = torchwire(&server.url(), &["models"], None).await;
     assert_success(&out);
     assert!(
         stdout(&out).contains(&served.models[0].name),
@@ -200,13 +161,13 @@ async fn models_tokenize_stats_and_health() {
         .await
         .unwrap()
         .into_inner();
-    let out = torchwire(&server.url(), &["tokenize", text, "--json"]).await;
+    let out = torchwire(&server.url(), &["tokenize", text, "--json"], None).await;
     assert_success(&out);
     let tokenized: torchwire_proto::v1::TokenizeResponse =
         serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(tokenized.token_ids, expected.token_ids);
     assert_eq!(tokenized.count as usize, tokenized.token_ids.len());
-    let out = torchwire_with_stdin(&server.url(), &["tokenize", "-", "--json"], text).await;
+    let out = torchwire(&server.url(), &["tokenize", "-", "--json"], Some(text)).await;
     assert_success(&out);
     let from_stdin: torchwire_proto::v1::TokenizeResponse =
         serde_json::from_str(&stdout(&out)).unwrap();
@@ -214,7 +175,7 @@ async fn models_tokenize_stats_and_health() {
         from_stdin.token_ids, expected.token_ids,
         "`-` reads the text from stdin"
     );
-    let out = torchwire(&server.url(), &["tokenize", text]).await;
+    let out = torchwire(&server.url(), &["tokenize", text], None).await;
     assert_success(&out);
     let ids: Vec<String> = expected.token_ids.iter().map(u32::to_string).collect();
     assert_eq!(
@@ -222,12 +183,12 @@ async fn models_tokenize_stats_and_health() {
         format!("count: {}\nids: {}\n", expected.count, ids.join(" "))
     );
 
-    let out = torchwire(&server.url(), &["stats", "--json"]).await;
+    let out = torchwire(&server.url(), &["stats", "--json"], None).await;
     assert_success(&out);
     let stats: torchwire_proto::v1::GetStatsResponse = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(stats.models.len(), served.models.len());
 
-    let out = torchwire(&server.url(), &["health"]).await;
+    let out = torchwire(&server.url(), &["health"], None).await;
     assert_success(&out);
     assert_eq!(stdout(&out).trim(), "SERVING");
 }
@@ -235,7 +196,12 @@ async fn models_tokenize_stats_and_health() {
 #[tokio::test]
 async fn an_invalid_request_names_the_field_and_fails() {
     let server = Server::start(&[]).await.unwrap();
-    let out = torchwire(&server.url(), &["generate", "hi", "--temperature", "-1"]).await;
+    let out = torchwire(
+        &server.url(),
+        &["generate", "hi", "--temperature", "-1"],
+        None,
+    )
+    .await;
     assert_eq!(
         out.status.code(),
         Some(EXIT_INVALID),
@@ -258,7 +224,7 @@ async fn an_unreachable_server_is_an_error() {
         .port();
     let addr = format!("http://127.0.0.1:{port}");
     for args in [&["health"][..], &["generate", "hi"][..]] {
-        let out = torchwire(&addr, args).await;
+        let out = torchwire(&addr, args, None).await;
         assert_eq!(
             out.status.code(),
             Some(EXIT_UNAVAILABLE),
@@ -301,6 +267,7 @@ async fn bench_writes_json_results_and_a_chart() {
             "--chart",
             chart_path.to_str().unwrap(),
         ],
+        None,
     )
     .await;
     assert_success(&out);
@@ -386,6 +353,7 @@ async fn tls_flags_reach_a_mutual_tls_server() {
             "--wait",
             "60",
         ],
+        None,
     )
     .await;
     assert_success(&out);
@@ -395,13 +363,14 @@ async fn tls_flags_reach_a_mutual_tls_server() {
     let out = torchwire(
         &addr,
         &["--tls-ca", &ca, "--tls-domain", "localhost", "health"],
+        None,
     )
     .await;
     assert!(!out.status.success(), "served without a client certificate");
     assert!(stderr(&out).starts_with("error: "), "{}", stderr(&out));
 
     // A certificate file that does not exist is a bad option, not a network error.
-    let out = torchwire(&addr, &["--tls-ca", &path("missing.pem"), "health"]).await;
+    let out = torchwire(&addr, &["--tls-ca", &path("missing.pem"), "health"], None).await;
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     assert!(stderr(&out).contains("missing.pem"), "{}", stderr(&out));
 }

@@ -10,7 +10,9 @@ use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::StreamExt;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
-use torchwire_integration_tests::{binary_path, http_status, Metrics, NatsServer, Pki, Scaler};
+use torchwire_integration_tests::{
+    binary_path, http_status, until, Metrics, NatsServer, Pki, Scaler,
+};
 use torchwire_nats::{codec, ensure_work_queue, headers, Encoding, NatsConfig};
 use torchwire_proto::externalscaler::external_scaler_client::ExternalScalerClient;
 use torchwire_proto::externalscaler::{GetMetricsRequest, IsActiveResponse, ScaledObjectRef};
@@ -84,21 +86,6 @@ async fn keda_round(
         0
     };
     Ok((value, active, replicas))
-}
-
-/// Polls `check` every 50 ms until it returns `Some`, for at most `WAIT`.
-async fn until<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {WAIT:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Connects with `config` and creates the work queue (stream + consumer).
@@ -250,7 +237,7 @@ async fn keda_polling_and_push_follow_the_backlog() {
     );
 
     publish(&js, &config, 4).await;
-    let round = until("backlog 5", async || {
+    let round = until("backlog 5", WAIT, async || {
         let round = keda_round(&mut scale, &trigger, target).await.unwrap();
         (round.0 == 5.0).then_some(round)
     })
@@ -269,7 +256,7 @@ async fn keda_polling_and_push_follow_the_backlog() {
     // Two requests being generated (delivered, not acked) still count, unless
     // includeInFlight is false.
     let taken = pull(&consumer, 2).await;
-    until("2 in flight", async || {
+    until("2 in flight", WAIT, async || {
         (metric(&mut scale, &trigger, "in_flight").await.unwrap() == 2.0).then_some(())
     })
     .await;
@@ -284,7 +271,7 @@ async fn keda_polling_and_push_follow_the_backlog() {
     // The servers finish: the backlog drains to zero and the deployment goes idle.
     ack_all(taken).await;
     ack_all(pull(&consumer, 3).await).await;
-    let round = until("empty backlog", async || {
+    let round = until("empty backlog", WAIT, async || {
         let round = keda_round(&mut scale, &trigger, target).await.unwrap();
         (round.0 == 0.0).then_some(round)
     })
@@ -299,7 +286,7 @@ async fn keda_polling_and_push_follow_the_backlog() {
     // that needs more than 2.
     publish(&js, &config, 2).await;
     let lazy = object(&[("activationThreshold", "2")]);
-    until("backlog 2", async || {
+    until("backlog 2", WAIT, async || {
         (metric(&mut scale, &lazy, "backlog").await.unwrap() == 2.0).then_some(())
     })
     .await;
@@ -394,7 +381,7 @@ async fn a_nats_outage_is_unavailable_and_metrics_recover_after_restart() {
     .unwrap();
     let mut scale = client(&scaler).await;
     let trigger = object(&[]);
-    until("backlog 3", async || {
+    until("backlog 3", WAIT, async || {
         (metric(&mut scale, &trigger, "backlog").await.unwrap() == 3.0).then_some(())
     })
     .await;
@@ -402,7 +389,7 @@ async fn a_nats_outage_is_unavailable_and_metrics_recover_after_restart() {
     nats.kill();
     let killed = Instant::now();
     // Until the limit the last reading stands; after it, UNAVAILABLE. Never zero.
-    let status = until("UNAVAILABLE", async || {
+    let status = until("UNAVAILABLE", WAIT, async || {
         match metric(&mut scale, &trigger, "backlog").await {
             Ok(value) => {
                 assert_eq!(value, 3.0, "a NATS outage must not read as an empty queue");
@@ -432,7 +419,7 @@ async fn a_nats_outage_is_unavailable_and_metrics_recover_after_restart() {
 
     // The broker comes back with its store: the scaler reconnects on its own.
     nats.restart().unwrap();
-    let recovered = until("metrics after the restart", async || {
+    let recovered = until("metrics after the restart", WAIT, async || {
         match metric(&mut scale, &trigger, "backlog").await {
             Ok(value) => Some(value),
             Err(status) if status.code() == Code::Unavailable => None,
@@ -468,7 +455,7 @@ async fn nats_credentials_are_used_and_wrong_ones_stop_the_scaler() {
     .unwrap();
     let mut scale = client(&scaler).await;
     let trigger = object(&[]);
-    until("backlog 2", async || {
+    until("backlog 2", WAIT, async || {
         (metric(&mut scale, &trigger, "backlog").await.unwrap() == 2.0).then_some(())
     })
     .await;
@@ -533,7 +520,7 @@ async fn allowed_nats_url_overrides_reach_another_server() {
         .unwrap_err();
     assert_eq!(home_status.code(), Code::NotFound, "{home_status:?}");
     let trigger = object(&[("natsUrl", &other.url())]);
-    until("backlog 4 on the other server", async || {
+    until("backlog 4 on the other server", WAIT, async || {
         (metric(&mut scale, &trigger, "backlog").await.unwrap() == 4.0).then_some(())
     })
     .await;
@@ -740,7 +727,7 @@ async fn metrics_show_the_backlog_the_scaler_reads() {
         ("consumer", config.consumer.as_str()),
     ];
     let reading = async |pending: f64, in_flight: f64| {
-        until("the backlog on /metrics", async || {
+        until("the backlog on /metrics", WAIT, async || {
             let m = Metrics::scrape(admin).await.unwrap();
             (m.value("inference_queue_length", &queue) == Some(pending)
                 && m.value("inference_queue_in_flight", &queue) == Some(in_flight))

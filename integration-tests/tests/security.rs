@@ -13,11 +13,9 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_types::StatusExt;
-use torchwire_integration_tests::{binary_path, ChildProcess, Pki, Server};
+use torchwire_integration_tests::{binary_path, model_stats, ChildProcess, Pki, Server};
 use torchwire_proto::v1::inference_client::InferenceClient;
-use torchwire_proto::v1::{
-    GenerateRequest, GetStatsRequest, ListModelsRequest, ModelStats, TokenizeRequest,
-};
+use torchwire_proto::v1::{GenerateRequest, GetStatsRequest, ListModelsRequest, TokenizeRequest};
 
 /// How long a reload or a server state change may take to show.
 const WAIT: Duration = Duration::from_secs(60);
@@ -430,15 +428,6 @@ async fn tokens_guard_every_inference_call_but_health_stays_open() {
     assert_eq!(err.code(), Code::Unauthenticated);
 }
 
-async fn stats(c: &mut InferenceClient<Channel>) -> ModelStats {
-    c.get_stats(GetStatsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .models
-        .remove(0)
-}
-
 #[tokio::test]
 async fn a_passed_deadline_ends_the_call_and_frees_its_slot() {
     let server = Server::start(&["--max-batch-size", "1"]).await.unwrap();
@@ -481,12 +470,12 @@ async fn a_passed_deadline_ends_the_call_and_frees_its_slot() {
     eventually("the slot is free", || {
         let mut c = c.clone();
         async move {
-            let s = stats(&mut c).await;
+            let s = model_stats(&mut c).await;
             s.running == 0 && s.requests_cancelled == 2
         }
     })
     .await;
-    let s = stats(&mut c).await;
+    let s = model_stats(&mut c).await;
     assert_eq!(s.requests_finished, 0, "{s:?}");
     // And the slot serves the next request.
     let done = c.complete(request("Next", 4)).await.unwrap().into_inner();
@@ -532,7 +521,7 @@ async fn limits_refuse_long_waits_big_prompts_and_big_messages_with_field_detail
     let mut c2 = c.clone();
     eventually("the engine is idle", || {
         let mut c = c2.clone();
-        async move { stats(&mut c).await.running == 0 }
+        async move { model_stats(&mut c).await.running == 0 }
     })
     .await;
 

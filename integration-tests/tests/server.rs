@@ -5,11 +5,10 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tonic::Code;
-use torchwire_integration_tests::Server;
+use torchwire_integration_tests::{model_stats, Server};
 use torchwire_proto::v1::inference_client::InferenceClient;
 use torchwire_proto::v1::{
-    FinishReason, GenerateRequest, GenerateResponse, GetStatsRequest, ListModelsRequest,
-    TokenizeRequest,
+    FinishReason, GenerateRequest, GenerateResponse, ListModelsRequest, TokenizeRequest,
 };
 
 type Client = InferenceClient<tonic::transport::Channel>;
@@ -46,16 +45,6 @@ fn text(msgs: &[GenerateResponse]) -> String {
 
 fn token_count(msgs: &[GenerateResponse]) -> usize {
     msgs.iter().map(|m| m.token_ids.len()).sum()
-}
-
-async fn stats(client: &mut Client) -> torchwire_proto::v1::ModelStats {
-    client
-        .get_stats(GetStatsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .models
-        .remove(0)
 }
 
 #[tokio::test]
@@ -135,13 +124,13 @@ async fn sixteen_concurrent_streams_complete_in_one_batch() {
     }
     // A sequence leaves the batch (and the counters) just after its last
     // message is sent, when its KV rows go to the prefix cache: wait for it.
-    let mut s = stats(&mut c.clone()).await;
+    let mut s = model_stats(&mut c.clone()).await;
     for _ in 0..200 {
         if s.running == 0 && s.requests_finished == 16 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        s = stats(&mut c.clone()).await;
+        s = model_stats(&mut c.clone()).await;
     }
     assert_eq!(s.requests_finished, 16);
     assert_eq!(
@@ -165,7 +154,7 @@ async fn a_cancelled_stream_frees_its_slot_for_the_next_request() {
     // The only slot was taken; this completes only if the cancelled one left.
     let msgs = collect(&mut c, request("Short:", 8)).await.unwrap();
     assert_eq!(token_count(&msgs), 8);
-    let s = stats(&mut c).await;
+    let s = model_stats(&mut c).await;
     assert_eq!(s.requests_cancelled, 1, "{s:?}");
     assert!(
         s.tokens_generated < 240,
@@ -200,7 +189,7 @@ async fn a_full_queue_refuses_with_resource_exhausted() {
         n += m.unwrap().token_ids.len();
     }
     assert_eq!(n, 4, "the queued request is served once the slot frees");
-    assert_eq!(stats(&mut c).await.requests_rejected, 1);
+    assert_eq!(model_stats(&mut c).await.requests_rejected, 1);
 }
 
 #[tokio::test]
