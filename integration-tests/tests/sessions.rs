@@ -115,8 +115,8 @@ async fn a_conversation_outlives_the_server_that_held_it() {
     assert_eq!(stored.model, "torchwire-tiny");
     assert!(stored.revision > 0 && stored.updated_unix_ms > 0);
 
-    // The replica goes away (scale-down); another one continues.
-    first.signal(libc::SIGTERM);
+    // The replica is killed outright; another one continues.
+    first.signal(libc::SIGKILL);
     first.wait_exit(WAIT).unwrap();
     let second = server(&nats, &[], &[]).await;
     let mut c = client(&second).await;
