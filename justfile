@@ -46,3 +46,7 @@ bench-prefix *ARGS: build
 # A chat turn through a session against the same turn inline, with a real nats-server (see BENCHMARKS.md; flags go to scripts/session_bench.py).
 bench-sessions *ARGS: build
     {{env}} && python scripts/session_bench.py {{ARGS}}
+
+# Soak: 10 minutes of mixed load (streams, cancellations, deadlines, bad input, sessions, NATS) with RSS sampled (see RELIABILITY.md; flags go to scripts/soak.py).
+soak *ARGS: build
+    {{env}} && python scripts/soak.py {{ARGS}}

@@ -21,13 +21,10 @@ on first use (they are not needed by the test suite). Everything goes to
 """
 
 import argparse
-import importlib
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +32,7 @@ from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_compare import REPO, ServerProcess, machine  # noqa: E402
+from grpc_harness import Nats, grpc_stubs  # noqa: E402
 
 USER_TEXTS = [
     "Read the build log and list the failing tests.",
@@ -50,63 +48,6 @@ USER_TEXTS = [
 
 def log(msg):
     print(f"[session-bench] {msg}", file=sys.stderr, flush=True)
-
-
-def grpc_stubs(tmp):
-    """The torchwire.v1 Python stubs, generated from the repo's proto."""
-    try:
-        import grpc  # noqa: F401
-        import grpc_tools  # noqa: F401
-    except ImportError:
-        log("installing grpcio and grpcio-tools into the venv")
-        subprocess.check_call([sys.executable, "-m", "pip", "install", "--quiet", "grpcio", "grpcio-tools"])
-    from grpc_tools import protoc
-
-    proto_dir = os.path.join(REPO, "proto")
-    rc = protoc.main(
-        ["protoc", f"-I{proto_dir}", f"--python_out={tmp}", f"--grpc_python_out={tmp}", "torchwire/v1/inference.proto"]
-    )
-    if rc != 0:
-        raise SystemExit("protoc failed on proto/torchwire/v1/inference.proto")
-    sys.path.insert(0, tmp)
-    pb = importlib.import_module("torchwire.v1.inference_pb2")
-    rpc = importlib.import_module("torchwire.v1.inference_pb2_grpc")
-    return pb, rpc
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Nats:
-    def __init__(self, tmp):
-        binary = shutil.which("nats-server")
-        if not binary:
-            raise SystemExit("nats-server not found: source scripts/env.sh first")
-        self.port = free_port()
-        self.proc = subprocess.Popen(
-            [binary, "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", os.path.join(tmp, "js")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("nats-server did not start")
-                time.sleep(0.05)
-
-    def url(self):
-        return f"nats://127.0.0.1:{self.port}"
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait()
 
 
 def main():
