@@ -345,7 +345,7 @@ impl Scheduler {
             cached: job.prompt_ids.len(),
             next: 0,
             generated: 0,
-            text: TextStream::new(job.stops.clone()),
+            text: TextStream::new(job.stops.clone(), &job.prompt_ids, self.tokenizer.as_ref()),
             started,
             first_token: None,
             resumed: None,
@@ -461,10 +461,14 @@ impl Scheduler {
             ..Default::default()
         };
         if let Some(logprob) = sampled.logprob {
+            // Decoded after the text so far, as the chosen token is.
+            let ids: Vec<u32> = sampled.top.iter().map(|&(id, _)| id).collect();
+            let texts = seq.text.next_texts(&ids, tokenizer);
             let top = sampled
                 .top
                 .iter()
-                .map(|&(id, lp)| (id, tokenizer.decode(&[id]), lp))
+                .zip(texts)
+                .map(|(&(id, lp), text)| (id, text, lp))
                 .collect();
             chunk.logprobs.push(TokenLogprob {
                 token_id: token,
