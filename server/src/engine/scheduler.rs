@@ -41,6 +41,8 @@ struct Sequence {
     first_token: Option<Instant>,
     /// Where the prompt's cached prefix came from, if it had one.
     resumed: Option<Hit>,
+    /// Its last message went out; it leaves the batch at the end of the step.
+    finished: bool,
 }
 
 /// What the model thread is told: jobs in queue order, and a stop flag
@@ -117,17 +119,25 @@ impl Scheduler {
     /// Serves jobs until told to stop, or until every sender is gone and the
     /// batch has drained.
     pub fn run(mut self) {
-        while self.admit() {
-            self.drop_cancelled();
-            self.prefill_next_chunk();
-            if !self.running.is_empty() {
-                self.decode_step();
-            }
-            self.publish_admitted(0);
-            self.publish_cache_use();
-            self.stats.heartbeat.beat();
-        }
+        while self.step() {}
         tracing::info!(model = %self.name, "model thread stopped");
+    }
+
+    /// One turn of the loop: admit, prefill, decode. Blocks while there is
+    /// nothing to do; false once the thread should stop.
+    fn step(&mut self) -> bool {
+        if !self.admit() {
+            return false;
+        }
+        self.drop_cancelled();
+        self.prefill_next_chunk();
+        if !self.running.is_empty() {
+            self.decode_step();
+        }
+        self.publish_admitted(0);
+        self.publish_cache_use();
+        self.stats.heartbeat.beat();
+        true
     }
 
     /// Moves waiting jobs into free slots; blocks when nothing is running.
@@ -135,8 +145,7 @@ impl Scheduler {
     /// nothing is left to do.
     fn admit(&mut self) -> bool {
         let mut joining = Vec::new();
-        let idle = self.running.is_empty() && self.chunked.is_none() && self.pending.is_empty();
-        if idle {
+        if self.idle() {
             self.stats.heartbeat.idle();
             let command = self.inbox.jobs.blocking_recv();
             self.stats.heartbeat.busy();
@@ -167,6 +176,11 @@ impl Scheduler {
         }
         self.start(joining);
         true
+    }
+
+    /// Nothing running, being read or taken from the queue.
+    fn idle(&self) -> bool {
+        self.running.is_empty() && self.chunked.is_none() && self.pending.is_empty()
     }
 
     /// Ends every request still here, running or queued, with UNAVAILABLE.
@@ -349,6 +363,7 @@ impl Scheduler {
             started,
             first_token: None,
             resumed: None,
+            finished: false,
             job,
         });
         sampled
@@ -392,6 +407,7 @@ impl Scheduler {
         let mut done = Vec::new();
         for (i, (seq, s)) in running[first..].iter_mut().zip(sampled).enumerate() {
             if self.emit(seq, s) {
+                seq.finished = true;
                 done.push(first + i);
             }
         }
@@ -403,7 +419,9 @@ impl Scheduler {
             self.publish_admitted(done.len());
         }
         for i in done.into_iter().rev() {
-            self.remove(i);
+            if !self.remove(i) {
+                break;
+            }
         }
     }
 
@@ -522,7 +540,9 @@ impl Scheduler {
             if self.running[i].job.events.is_closed() {
                 let generated = self.running[i].generated;
                 self.log_cancel(&self.running[i].job, generated);
-                self.remove(i);
+                if !self.remove(i) {
+                    break;
+                }
             }
         }
         if self
@@ -537,28 +557,46 @@ impl Scheduler {
     }
 
     /// Takes sequence `i` out of the batch; the last sequence moves into its
-    /// slot, and a chunked prompt after the batch moves down one.
-    fn remove(&mut self, i: usize) {
+    /// slot, and a chunked prompt after the batch moves down one. Returns
+    /// false when a move failed: the cache no longer matches the slots, so
+    /// every request in the batch got INTERNAL and the batch is empty (the
+    /// engine serves on); callers stop using indices into it.
+    fn remove(&mut self, i: usize) -> bool {
         self.keep_prefix(i);
         let last = self.running.len() - 1;
         self.running.swap_remove(i);
         let mut moved = Ok(());
         if i != last {
-            moved = self.cache.move_slot(last, i, self.running[i].cached);
+            moved = self.move_slot(last, i);
         }
         if let (Ok(()), Some(chunked)) = (&moved, &self.chunked) {
             moved = self.cache.move_slot(last + 1, last, chunked.done);
         }
-        if let Err(e) = moved {
-            // The cache no longer matches the slots: nothing here can go on.
-            let message = e.to_string();
-            for seq in std::mem::take(&mut self.running) {
+        let Err(e) = moved else {
+            return true;
+        };
+        let message = format!("moving a KV cache slot: {e}");
+        for seq in std::mem::take(&mut self.running) {
+            // Those about to leave had their last message already.
+            if !seq.finished {
                 self.fail(seq.job, &message);
             }
-            if let Some(chunked) = self.chunked.take() {
-                self.fail(chunked.job, &message);
-            }
         }
+        if let Some(chunked) = self.chunked.take() {
+            self.fail(chunked.job, &message);
+        }
+        self.publish_admitted(0);
+        false
+    }
+
+    /// Moves the rows of the sequence now at `running[to]` from slot `from`.
+    fn move_slot(&mut self, from: usize, to: usize) -> Result<(), tch::TchError> {
+        #[cfg(debug_assertions)]
+        if let Some(fault) = &self.fault {
+            let prompt = &self.running[to].job.prompt_ids;
+            fault.on_slot_move(|| Decode::decode(self.tokenizer.as_ref(), prompt))?;
+        }
+        self.cache.move_slot(from, to, self.running[to].cached)
     }
 
     /// Offers the rows of the sequence in slot `i` (every token but the
@@ -632,7 +670,154 @@ fn prefill_group_len(lengths: impl Iterator<Item = usize>, budget: usize) -> usi
 
 #[cfg(test)]
 mod tests {
-    use super::prefill_group_len;
+    use super::*;
+    use crate::engine::request::Event;
+    use crate::model::LoadOptions;
+    use tokio::sync::mpsc::UnboundedReceiver;
+
+    const CONTEXT: usize = 256;
+
+    /// A scheduler over the bundled model on the CPU, and its queue.
+    fn scheduler(max_batch: usize, max_prefill_tokens: usize) -> (Scheduler, mpsc::Sender<Command>) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/torchwire-tiny");
+        let model = Llama::load(
+            &dir,
+            LoadOptions {
+                device: tch::Device::Cpu,
+                kind: Kind::Float,
+                max_positions: CONTEXT,
+            },
+        )
+        .unwrap();
+        let cache = KvCache::new(
+            model.num_layers(),
+            max_batch,
+            model.kv_heads(),
+            CONTEXT,
+            model.head_dim(),
+            tch::Device::Cpu,
+            Kind::Float,
+        )
+        .unwrap();
+        let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+        let (tx, rx) = mpsc::channel(64);
+        let inbox = Inbox {
+            jobs: rx,
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let stats = Arc::new(Stats::default());
+        let s = Scheduler::new(
+            "test".into(),
+            model,
+            cache,
+            Arc::new(tokenizer),
+            inbox,
+            stats,
+            max_prefill_tokens,
+        );
+        (s, tx)
+    }
+
+    /// A greedy job for `prompt` (the bundled tokenizer's ids) that
+    /// generates exactly `tokens` tokens.
+    fn job(s: &Scheduler, prompt: &str, tokens: usize) -> (Job, UnboundedReceiver<Event>) {
+        let ids = s.tokenizer.encode(prompt, false).unwrap().get_ids().to_vec();
+        let (events, rx) = mpsc::unbounded_channel();
+        let job = Job {
+            request_id: prompt.chars().take(16).collect(),
+            prompt_ids: ids,
+            params: Default::default(),
+            max_new_tokens: tokens,
+            stops: Vec::new(),
+            ignore_eos: true,
+            arrived: Instant::now(),
+            events,
+        };
+        (job, rx)
+    }
+
+    /// Steps until nothing is left to do (a step with nothing to do would
+    /// block on the queue).
+    fn run_until_idle(s: &mut Scheduler, queue: &mpsc::Sender<Command>) {
+        for _ in 0..1000 {
+            if s.idle() && queue.capacity() == queue.max_capacity() {
+                return;
+            }
+            assert!(s.step());
+        }
+        panic!("still busy after 1000 steps");
+    }
+
+    fn submit(queue: &mpsc::Sender<Command>, job: Job) {
+        queue.try_send(Command::Generate(job)).unwrap();
+    }
+
+    /// What a request got so far: tokens, and whether it finished or failed.
+    #[derive(Debug, Default, PartialEq)]
+    struct Outcome {
+        tokens: usize,
+        finished: bool,
+        failed: Option<tonic::Code>,
+    }
+
+    fn drain(rx: &mut UnboundedReceiver<Event>, into: &mut Outcome) {
+        while let Ok(event) = rx.try_recv() {
+            match event {
+                Event::Step { chunk, finish } => {
+                    into.tokens += chunk.token_ids.len();
+                    into.finished |= finish.is_some();
+                }
+                Event::Failed(e) => into.failed = Some(tonic::Status::from(e).code()),
+            }
+        }
+    }
+
+    fn outcome(rx: &mut UnboundedReceiver<Event>) -> Outcome {
+        let mut o = Outcome::default();
+        drain(rx, &mut o);
+        o
+    }
+
+    #[test]
+    fn a_failed_slot_move_fails_the_batch_and_the_engine_serves_on() {
+        let (mut s, queue) = scheduler(4, 512);
+        s.fault = Some(crate::engine::fault::Fault::FailSlotMove("MOVE".into()));
+        // One prefill puts them in slots 0..4 in this order; the first two
+        // finish at the same (second) step, so slot 3 (MOVE) moves into
+        // slot 1 and fails while slot 0 still has to leave.
+        let prompts = ["one two three", "four five six", "seven eight nine", "ten MOVE ten"];
+        let tokens = [3, 3, 8, 8];
+        let mut rxs = Vec::new();
+        for (prompt, n) in prompts.iter().zip(tokens) {
+            let (j, rx) = job(&s, prompt, n);
+            submit(&queue, j);
+            rxs.push(rx);
+        }
+        assert!(s.step());
+        let order: Vec<&str> = s.running.iter().map(|q| q.job.request_id.as_str()).collect();
+        assert_eq!(order, prompts, "the slots are in submission order");
+        run_until_idle(&mut s, &queue);
+        let outcomes: Vec<Outcome> = rxs.iter_mut().map(outcome).collect();
+        let ok = |tokens| Outcome {
+            tokens,
+            finished: true,
+            failed: None,
+        };
+        assert_eq!(outcomes[0], ok(3));
+        assert_eq!(outcomes[1], ok(3));
+        for o in &outcomes[2..] {
+            assert_eq!(o.failed, Some(tonic::Code::Internal), "{outcomes:?}");
+            assert!(!o.finished);
+        }
+        assert!(s.running.is_empty());
+        assert_eq!(s.stats.running.load(Relaxed), 0);
+
+        // The next request is served as usual.
+        let (j, mut rx) = job(&s, "eleven twelve", 3);
+        submit(&queue, j);
+        run_until_idle(&mut s, &queue);
+        assert_eq!(outcome(&mut rx), ok(3));
+    }
 
     #[test]
     fn prefill_groups_fill_the_padded_budget() {
