@@ -74,12 +74,15 @@ pub async fn start(
     Ok(Some(listener.serve(health)))
 }
 
+/// Reads one gauge's value from a consumer's counts.
+type ReadCount = fn(&Counts) -> u64;
+
 /// Reports the backlog of every consumer watched on the scaler's own NATS
 /// server (`url`) at each collection, from the watchers' latest readings.
 /// Consumers on the other servers triggers may name are not reported.
 pub fn observe_backlog(watchers: &Watchers, url: &str) {
     let meter = global::meter("torchwire-scaler");
-    let gauges: [(&str, &str, fn(&Counts) -> u64); 2] = [
+    let gauges: [(&str, &str, ReadCount); 2] = [
         (
             QUEUE_LENGTH,
             "Requests in the JetStream work queue not yet delivered to a server",
