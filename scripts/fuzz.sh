@@ -15,7 +15,7 @@ source scripts/env.sh
 
 export PROPTEST_CASES="${PROPTEST_CASES:-20000}"
 # Crates whose unit tests have `fuzz` modules.
-packages=(${FUZZ_PACKAGES:-torchwire-nats})
+packages=(${FUZZ_PACKAGES:-torchwire-nats torchwire-config torchwire-scaler})
 args=()
 for p in "${packages[@]}"; do args+=(-p "$p"); done
 

@@ -168,4 +168,101 @@ mod tests {
         assert_eq!(c.models["tiny"].path, "models/t");
         assert_eq!(c.models["tiny"].max_batch_size, Some(8));
     }
+
+    mod fuzz {
+        //! The loader fed what a broken config file or environment could
+        //! hold: a value, or an error that names the key it is about, never
+        //! a panic. `scripts/fuzz.sh` runs these with many more cases.
+
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Keys of `Sample` and near misses, none a table of another.
+        const KEYS: &[&str] = &[
+            "listen",
+            "threads",
+            "nats.url",
+            "nats.password",
+            "models.m.path",
+            "models.m.max_batch_size",
+            "listn",
+            "nats.urll",
+            "models.m.bogus",
+        ];
+
+        /// TOML values of every kind, some of them of the wrong type.
+        fn toml_value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[a-zA-Z0-9 :/._-]{0,12}".prop_map(|s| format!("\"{s}\"")),
+                any::<i64>().prop_map(|v| v.to_string()),
+                any::<f64>()
+                    .prop_filter("finite", |v| v.is_finite())
+                    .prop_map(|v| format!("{v:?}")),
+                any::<bool>().prop_map(|v| v.to_string()),
+                Just("[1, \"a\"]".to_string()),
+                Just("{ a = 1 }".to_string()),
+                Just("1979-05-27T07:32:00Z".to_string()),
+            ]
+        }
+
+        /// The last part of the key an error is about (the error's key,
+        /// or in its message for an unknown one).
+        fn names_one_of(err: &ConfigError, keys: &[&str]) -> bool {
+            let text = err.to_string();
+            keys.iter()
+                .any(|k| text.contains(k.rsplit('.').next().unwrap_or(k)))
+        }
+
+        proptest! {
+            #[test]
+            fn any_file_of_known_shape_loads_or_names_the_key(
+                lines in proptest::collection::btree_map(proptest::sample::select(KEYS), toml_value(), 0..6)
+            ) {
+                let text: Vec<String> = lines.iter().map(|(k, v)| format!("{k} = {v}")).collect();
+                let dir = tempfile::tempdir().unwrap();
+                let file = dir.path().join("c.toml");
+                std::fs::write(&file, text.join("\n")).unwrap();
+                if let Err(err) = load::<Sample>(Some(&file), "absent.toml", &[], &LAYOUT) {
+                    let keys: Vec<&str> = lines.keys().copied().collect();
+                    prop_assert!(names_one_of(&err, &keys), "{err} for {text:?}");
+                    prop_assert!(!err.message.is_empty());
+                }
+            }
+
+            #[test]
+            fn arbitrary_text_loads_or_fails_cleanly(text in "\\PC{0,200}") {
+                let dir = tempfile::tempdir().unwrap();
+                let file = dir.path().join("c.toml");
+                std::fs::write(&file, &text).unwrap();
+                if let Err(err) = load::<Sample>(Some(&file), "absent.toml", &[], &LAYOUT) {
+                    prop_assert!(!err.key.is_empty() && !err.message.is_empty(), "{err:?}");
+                }
+            }
+
+            #[test]
+            fn any_environment_loads_or_names_the_key(
+                vars in proptest::collection::btree_map(
+                    proptest::sample::select(&[
+                        "THREADS",
+                        "LISTEN",
+                        "NATS_URL",
+                        "MODELS__M__PATH",
+                        "MODELS__M__MAX_BATCH_SIZE",
+                        "MODELS__M__BOGUS",
+                        "LISTN",
+                    ][..]),
+                    "\\PC{0,12}",
+                    0..5,
+                )
+            ) {
+                let env: Vec<(String, String)> =
+                    vars.iter().map(|(k, v)| (format!("TW_{k}"), v.clone())).collect();
+                if let Err(err) = load::<Sample>(None, "absent.toml", &env, &LAYOUT) {
+                    let keys: Vec<String> = vars.keys().map(|k| k.to_ascii_lowercase()).collect();
+                    let keys: Vec<&str> = keys.iter().map(|k| k.rsplit('_').next().unwrap_or(k)).collect();
+                    prop_assert!(names_one_of(&err, &keys), "{err} for {env:?}");
+                }
+            }
+        }
+    }
 }

@@ -147,6 +147,8 @@ async fn metrics_follow_a_real_backlog_and_the_probes_answer() {
         busy.value("torchwire_kv_cache_slots_used", &model),
         Some(1.0)
     );
+    // Decoding, not being read: the waiting four are still in the queue.
+    assert_eq!(busy.value("torchwire_batch_prefilling", &model), Some(0.0));
     assert!(
         busy.value("torchwire_kv_cache_memory_used_bytes", &model)
             .unwrap()

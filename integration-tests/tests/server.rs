@@ -638,3 +638,54 @@ async fn a_bad_config_fails_at_startup_naming_the_key() {
             .unwrap();
     assert_eq!(out.status.code(), Some(64));
 }
+
+#[tokio::test]
+async fn a_failed_kv_slot_move_fails_the_moved_request_and_the_server_serves_on() {
+    // Debug builds' fault switch: moving the KV rows of a sequence whose
+    // prompt holds the marker fails.
+    let server = Server::start_with_env(
+        &Server::default_args(&[]),
+        &[("TORCHWIRE_DEBUG_FAULT", "fail-slot-move:MOVE-ME")],
+    )
+    .await
+    .unwrap();
+    let mut c = client(&server).await;
+    // In the batch first (slot 0), then the marked one (slot 1).
+    let mut first = c
+        .generate(request("Once upon a time", 400))
+        .await
+        .unwrap()
+        .into_inner();
+    first.next().await.unwrap().unwrap();
+    let mut moved = c
+        .generate(request("MOVE-ME once more", 400))
+        .await
+        .unwrap()
+        .into_inner();
+    moved.next().await.unwrap().unwrap();
+    // The first leaves (cancelled): the marked one's rows move into its slot.
+    drop(first);
+    let status = loop {
+        match moved.next().await {
+            Some(Ok(msg)) => assert_eq!(msg.finish_reason, 0, "finished: {msg:?}"),
+            Some(Err(status)) => break status,
+            None => panic!("the stream ended without an error"),
+        }
+    };
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert!(status.message().contains("KV cache slot"), "{status:?}");
+
+    // The engine serves on, and its batch is empty again.
+    let msgs = collect(&mut c, request("And then", 8)).await.unwrap();
+    assert_eq!(token_count(&msgs), 8);
+    // It leaves the batch just after its last message: wait for that.
+    let mut s = stats(&mut c).await;
+    for _ in 0..200 {
+        if s.running == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s = stats(&mut c).await;
+    }
+    assert_eq!((s.running, s.prefilling), (0, 0), "{s:?}");
+}

@@ -237,6 +237,38 @@ impl Subscription {
     }
 }
 
+/// A watcher's channel fed by hand, for tests of what reads it.
+#[cfg(test)]
+pub(crate) struct TestFeed(watch::Sender<Snapshot>);
+
+#[cfg(test)]
+impl TestFeed {
+    /// Records a good reading, as the watcher does.
+    pub(crate) fn record_counts(&self, counts: Counts) {
+        self.0
+            .send_if_modified(|s| s.record(Reading::Counts(counts), Instant::now()));
+    }
+}
+
+/// A subscription to readings the test records through the feed.
+#[cfg(test)]
+pub(crate) fn test_feed(stale_after: Duration) -> (TestFeed, Subscription) {
+    let (tx, rx) = watch::channel(Snapshot::default());
+    let key = WatchKey {
+        url: "nats://test:4222".into(),
+        stream: "S".into(),
+        consumer: "C".into(),
+    };
+    (
+        TestFeed(tx),
+        Subscription {
+            key,
+            rx,
+            stale_after,
+        },
+    )
+}
+
 async fn run_watcher(inner: Arc<Inner>, key: WatchKey, tx: watch::Sender<Snapshot>) {
     let settings = inner.settings;
     // Each request may take up to half the staleness limit, so that a hung

@@ -20,7 +20,7 @@ use torchwire_telemetry::GrpcMetadata;
 use tracing::field::Empty;
 use tracing::Instrument;
 
-use crate::backlog::{Counts, WatchKey, Watchers};
+use crate::backlog::{Counts, Subscription, WatchKey, Watchers};
 use crate::error::ScalerError;
 use crate::trigger::{Trigger, TriggerDefaults};
 
@@ -167,49 +167,19 @@ impl ExternalScaler for ScalerService {
             .current()
             .await
             .inspect_err(|e| log_error("StreamIsActive", &object, e))?;
-        let mut active = trigger.is_active(&counts);
+        let active = trigger.is_active(&counts);
         tracing::info!(name = %object.name, namespace = %object.namespace, active, "StreamIsActive opened");
 
         let (tx, rx) = mpsc::channel(4);
         tx.try_send(Ok(IsActiveResponse { result: active }))
             .expect("a new channel has room");
         let mut shutdown = self.shutdown.clone();
+        let stopping = async move {
+            let _stopped = shutdown.wait_for(|stop| *stop).await.is_ok();
+        };
         let heartbeat = self.heartbeat;
         tokio::spawn(async move {
-            let mut ticker =
-                tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
-            let stopping = async move {
-                let _stopped = shutdown.wait_for(|stop| *stop).await.is_ok();
-            };
-            tokio::pin!(stopping);
-            loop {
-                tokio::select! {
-                    () = tx.closed() => break,
-                    () = &mut stopping => break,
-                    alive = subscription.changed() => {
-                        if !alive {
-                            break;
-                        }
-                        // Errors (NATS away, queue gone) send nothing: KEDA's
-                        // polling reports them, and the stream stays ready to
-                        // push as soon as readings come back.
-                        let Some(Ok(counts)) = subscription.latest() else { continue };
-                        let now = trigger.is_active(&counts);
-                        if now != active {
-                            active = now;
-                            tracing::debug!(name = %object.name, namespace = %object.namespace, active, "StreamIsActive push");
-                            if tx.send(Ok(IsActiveResponse { result: active })).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                    _ = ticker.tick() => {
-                        if tx.send(Ok(IsActiveResponse { result: active })).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
+            push_activity(&trigger, subscription, active, heartbeat, &tx, stopping).await;
             tracing::debug!(name = %object.name, namespace = %object.namespace, "StreamIsActive closed");
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -239,6 +209,56 @@ impl ExternalScaler for ScalerService {
             .inspect_err(|e| log_error("GetMetrics", &object, e))?;
         tracing::debug!(metric = %request.metric_name, values = ?metrics.metric_values, "GetMetrics");
         Ok(Response::new(metrics))
+    }
+}
+
+/// Feeds one StreamIsActive stream after its first answer (`active`): a
+/// message as soon as a reading changes the answer, and the answer again
+/// every `heartbeat`, each time from a reading evaluated then. A reading
+/// older than the staleness limit (or an error) sends nothing: repeating
+/// the last answer would keep telling KEDA "inactive" about a queue nobody
+/// can read, and scale to zero past KEDA's fallback; KEDA's polling
+/// reports the error. Returns when the client or `stopping` ends it.
+async fn push_activity(
+    trigger: &Trigger,
+    mut subscription: Subscription,
+    mut active: bool,
+    heartbeat: Duration,
+    tx: &mpsc::Sender<Result<IsActiveResponse, Status>>,
+    stopping: impl Future<Output = ()>,
+) {
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
+    tokio::pin!(stopping);
+    loop {
+        let heartbeat = tokio::select! {
+            () = tx.closed() => return,
+            () = &mut stopping => return,
+            alive = subscription.changed() => {
+                if !alive {
+                    return;
+                }
+                false
+            }
+            _ = ticker.tick() => true,
+        };
+        let Some(Ok(counts)) = subscription.latest() else {
+            continue;
+        };
+        let now = trigger.is_active(&counts);
+        if now == active && !heartbeat {
+            continue;
+        }
+        if now != active {
+            tracing::debug!(active = now, "StreamIsActive push");
+        }
+        active = now;
+        if tx
+            .send(Ok(IsActiveResponse { result: active }))
+            .await
+            .is_err()
+        {
+            return;
+        }
     }
 }
 
@@ -279,7 +299,63 @@ fn log_error(rpc: &str, object: &ScaledObjectRef, err: &ScalerError) {
 
 #[cfg(test)]
 mod tests {
-    use super::metric_name;
+    use super::*;
+    use crate::backlog::test_feed;
+    use std::collections::HashMap;
+
+    fn trigger() -> Trigger {
+        let defaults = TriggerDefaults {
+            stream: "S".into(),
+            consumer: "C".into(),
+            nats_url: "nats://x:4222".into(),
+            allowed_nats_urls: Vec::new(),
+        };
+        Trigger::parse(&HashMap::new(), &defaults).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stale_reading_is_never_repeated_as_inactive() {
+        let (heartbeat, stale_after) = (Duration::from_secs(1), Duration::from_millis(5500));
+        let (feed, subscription) = test_feed(stale_after);
+        feed.record_counts(Counts::default());
+        let (tx, mut rx) = mpsc::channel(64);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let stream = tokio::spawn(async move {
+            let trigger = trigger();
+            let stopping = async move {
+                let _ = stopped.await;
+            };
+            push_activity(&trigger, subscription, false, heartbeat, &tx, stopping).await;
+        });
+
+        // Fresh readings: the heartbeat repeats "inactive".
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let mut answers = Vec::new();
+        while let Ok(answer) = rx.try_recv() {
+            answers.push(answer.unwrap().result);
+        }
+        assert_eq!(answers, [false, false]);
+
+        // NATS goes silent: no new reading for much longer than the limit.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let mut repeats = 0;
+        while let Ok(answer) = rx.try_recv() {
+            assert!(!answer.unwrap().result);
+            repeats += 1;
+        }
+        // Heartbeats at 3, 4 and 5 s still have a reading within 5.5 s; none after.
+        assert_eq!(repeats, 3, "a stale reading was repeated");
+
+        // Readings come back, with work: the next one is pushed at once.
+        feed.record_counts(Counts {
+            pending: 2,
+            ..Default::default()
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(rx.try_recv().unwrap().unwrap().result);
+        stop.send(()).unwrap();
+        stream.await.unwrap();
+    }
 
     #[test]
     fn keda_prefixes_are_stripped() {

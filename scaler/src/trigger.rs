@@ -248,4 +248,91 @@ mod tests {
         assert!(!t.is_active(&counts));
         assert!(!parse(&[]).unwrap().is_active(&Counts::default()));
     }
+
+    mod fuzz {
+        //! KEDA's trigger metadata as a broken or hostile ScaledObject
+        //! could set it: a trigger within its bounds, or INVALID_ARGUMENT
+        //! naming the key, never a panic. `scripts/fuzz.sh` runs these with
+        //! many more cases.
+
+        use super::*;
+        use proptest::prelude::*;
+        use tonic::{Code, Status};
+
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                proptest::sample::select(
+                    &[
+                        "stream",
+                        "consumer",
+                        "targetPerReplica",
+                        "activationThreshold",
+                        "includeInFlight",
+                        "natsUrl",
+                        "scalerAddress",
+                        "enableTLS",
+                        "targetPerReplca",
+                    ][..]
+                )
+                .prop_map(String::from),
+                "\\PC{0,16}",
+            ]
+        }
+
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "\\PC{0,24}",
+                any::<f64>().prop_map(|v| v.to_string()),
+                any::<i64>().prop_map(|v| format!(" {v} ")),
+                proptest::sample::select(
+                    &[
+                        "true",
+                        "FALSE",
+                        "yes",
+                        "NaN",
+                        "inf",
+                        "-inf",
+                        "1e309",
+                        "-0",
+                        "0",
+                        "nats://nats:4222",
+                        "nats://other:4222",
+                        "nats://evil:4222",
+                        "a.b",
+                        "a b",
+                        "",
+                    ][..]
+                )
+                .prop_map(String::from),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn any_metadata_parses_or_names_its_key(
+                metadata in proptest::collection::hash_map(key(), value(), 0..8)
+            ) {
+                match Trigger::parse(&metadata, &defaults()) {
+                    Ok(t) => {
+                        prop_assert!(t.target_per_replica.is_finite() && t.target_per_replica > 0.0);
+                        prop_assert!(t.activation_threshold.is_finite() && t.activation_threshold >= 0.0);
+                        prop_assert!(!t.stream.is_empty() && !t.consumer.is_empty());
+                        let d = defaults();
+                        prop_assert!(t.nats_url == d.nats_url || d.allowed_nats_urls.contains(&t.nats_url));
+                    }
+                    Err(err) => {
+                        let ScalerError::InvalidMetadata { key, message } = &err else {
+                            return Err(TestCaseError::fail(format!("not invalid metadata: {err}")));
+                        };
+                        prop_assert!(metadata.contains_key(key), "{err}");
+                        prop_assert!(!message.is_empty());
+                        let prefix = format!("scalerMetadata.{key}: ");
+                        let status = Status::from(err);
+                        prop_assert_eq!(status.code(), Code::InvalidArgument);
+                        prop_assert!(status.message().starts_with(&prefix), "{}", status.message());
+                    }
+                }
+            }
+        }
+    }
 }

@@ -119,7 +119,7 @@ pub struct Cli {
     /// Sequences decoded together at most (config: models.<name>.max_batch_size).
     #[arg(long)]
     pub max_batch_size: Option<u32>,
-    /// Prompt tokens in one prefill (batch or chunk) at most (config: models.<name>.max_prefill_tokens).
+    /// Prompt tokens read per step at most, batched or in chunks (config: models.<name>.max_prefill_tokens).
     #[arg(long, value_name = "TOKENS")]
     pub max_prefill_tokens: Option<u32>,
     /// Prompt + output tokens per sequence at most (config: models.<name>.max_context).
@@ -254,9 +254,9 @@ pub struct ModelConfig {
     pub dtype: Option<String>,
     /// Sequences decoded together at most (ignored when kv_cache_mib is set).
     pub max_batch_size: u32,
-    /// Prompts joining the batch together run as one prefill of at most this
-    /// many (padded) tokens; a longer prompt is read in chunks of this size,
-    /// one a step, between the decode steps of the running sequences.
+    /// Prompt tokens (padded) read per step at most, between the decode
+    /// steps of the running sequences: joining prompts run as one batched
+    /// prefill within it, and a longer prompt is read in chunks, one a step.
     pub max_prefill_tokens: u32,
     /// Prompt + output tokens per sequence; unset = the model's context, at most 4096.
     pub max_context: Option<u32>,

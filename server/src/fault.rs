@@ -24,7 +24,12 @@ impl Fault {
 }
 
 /// The model thread's faults (`engine::fault`), which share the variable.
-const ENGINE_FAULTS: [&str; 3] = ["stall-on-prompt:", "panic-on-prompt:", "hold-load-until:"];
+const ENGINE_FAULTS: [&str; 4] = [
+    "stall-on-prompt:",
+    "panic-on-prompt:",
+    "hold-load-until:",
+    "fail-slot-move:",
+];
 
 /// Parses a `TORCHWIRE_DEBUG_FAULT` value; the model thread's faults are
 /// left to it.
@@ -83,6 +88,10 @@ mod tests {
             vec![Fault::FailGenerate]
         );
         assert_eq!(parse("panic-on-prompt:X").unwrap(), vec![]);
+        assert_eq!(
+            parse("fail-slot-move:X,fail-generate").unwrap(),
+            vec![Fault::FailGenerate]
+        );
         assert!(parse("fail-generate,explode")
             .unwrap_err()
             .contains("explode"));

@@ -175,8 +175,9 @@ pub async fn stats(client: &Client, args: StatsArgs) -> anyhow::Result<ExitCode>
 }
 
 fn stats_text(s: &ModelStats) -> String {
-    let fields: [(&str, String); 17] = [
+    let fields: [(&str, String); 18] = [
         ("running", s.running.to_string()),
+        ("prefilling", s.prefilling.to_string()),
         ("waiting", s.waiting.to_string()),
         ("free slots", s.free_slots.to_string()),
         ("max batch size", s.max_batch_size.to_string()),
@@ -239,6 +240,6 @@ mod tests {
         let text = stats_text(&s);
         assert!(text.starts_with("m\n"));
         assert!(text.contains("tokens generated:   77"), "{text}");
-        assert_eq!(text.lines().count(), 18);
+        assert_eq!(text.lines().count(), 19);
     }
 }

@@ -18,6 +18,7 @@ use crate::engine::Engine;
 /// backlog gauge.
 pub const QUEUE_LENGTH: &str = "inference_queue_length";
 pub const BATCH_RUNNING: &str = "torchwire.batch.running";
+pub const BATCH_PREFILLING: &str = "torchwire.batch.prefilling";
 pub const KV_SLOTS: &str = "torchwire.kv_cache.slots";
 pub const KV_SLOTS_USED: &str = "torchwire.kv_cache.slots.used";
 pub const KV_MEMORY: &str = "torchwire.kv_cache.memory";
@@ -55,8 +56,14 @@ pub fn observe_engines(models: &Arc<Models>) {
         Reading {
             name: BATCH_RUNNING,
             unit: "{request}",
-            description: "Requests admitted by the model thread: in the batch, or being prefilled",
+            description: "Sequences in the batch, decoding",
             read: |e| u64::from(e.stats.running.load(Relaxed)),
+        },
+        Reading {
+            name: BATCH_PREFILLING,
+            unit: "{request}",
+            description: "Requests taken by the model thread that do not decode yet: their prompt is being read or waits its turn",
+            read: |e| u64::from(e.stats.prefilling.load(Relaxed)),
         },
         Reading {
             name: KV_SLOTS,

@@ -131,6 +131,7 @@ impl Inference for InferenceService {
                 pb::ModelStats {
                     model: e.info.name.clone(),
                     running,
+                    prefilling: s.prefilling.load(std::sync::atomic::Ordering::Relaxed),
                     waiting: e.waiting() as u32,
                     max_batch_size: e.info.max_batch_size as u32,
                     peak_batch_size: s.peak_batch.load(std::sync::atomic::Ordering::Relaxed),
@@ -140,7 +141,7 @@ impl Inference for InferenceService {
                     requests_finished: Stats::get(&s.finished),
                     requests_cancelled: Stats::get(&s.cancelled),
                     requests_rejected: Stats::get(&s.rejected),
-                    free_slots: (e.info.max_batch_size as u32).saturating_sub(running),
+                    free_slots: e.info.max_batch_size.saturating_sub(s.slots_held()) as u32,
                     prefix_cache_hits: Stats::get(&s.prefix_hits),
                     prefix_cache_misses: Stats::get(&s.prefix_misses),
                     prefix_cache_tokens_reused: Stats::get(&s.prefix_tokens_reused),

@@ -5,7 +5,9 @@
 //! - `stall-on-prompt:TEXT`: the model thread blocks forever when it starts
 //!   a request whose prompt contains TEXT;
 //! - `panic-on-prompt:TEXT`: the model thread panics there instead;
-//! - `hold-load-until:PATH`: loading waits until the file PATH exists.
+//! - `hold-load-until:PATH`: loading waits until the file PATH exists;
+//! - `fail-slot-move:TEXT`: moving the KV cache rows of a sequence whose
+//!   prompt contains TEXT (when another leaves the batch) fails.
 //!
 //! Release builds compile none of this and ignore the variable.
 
@@ -21,6 +23,7 @@ pub enum Fault {
     StallOnPrompt(String),
     PanicOnPrompt(String),
     HoldLoadUntil(PathBuf),
+    FailSlotMove(String),
 }
 
 impl Fault {
@@ -49,6 +52,7 @@ impl Fault {
             "stall-on-prompt" => Some(Self::StallOnPrompt(arg.into())),
             "panic-on-prompt" => Some(Self::PanicOnPrompt(arg.into())),
             "hold-load-until" => Some(Self::HoldLoadUntil(arg.into())),
+            "fail-slot-move" => Some(Self::FailSlotMove(arg.into())),
             _ => None,
         }
     }
@@ -58,7 +62,7 @@ impl Fault {
     pub fn on_prompt(&self, prompt: impl FnOnce() -> String) {
         let marker = match self {
             Self::StallOnPrompt(marker) | Self::PanicOnPrompt(marker) => marker,
-            Self::HoldLoadUntil(_) => return,
+            Self::HoldLoadUntil(_) | Self::FailSlotMove(_) => return,
         };
         if !prompt().contains(marker.as_str()) {
             return;
@@ -69,6 +73,17 @@ impl Fault {
         tracing::warn!("debug fault: the model thread stalls for good");
         loop {
             std::thread::park();
+        }
+    }
+
+    /// On the model thread, before a sequence's KV rows move to another
+    /// slot: an error when its prompt holds the marker.
+    pub fn on_slot_move(&self, prompt: impl FnOnce() -> String) -> Result<(), tch::TchError> {
+        match self {
+            Self::FailSlotMove(marker) if prompt().contains(marker.as_str()) => Err(
+                tch::TchError::Torch("debug fault: moving a KV cache slot fails".into()),
+            ),
+            _ => Ok(()),
         }
     }
 
@@ -100,6 +115,10 @@ mod tests {
         assert_eq!(
             Fault::parse("hold-load-until:/tmp/go"),
             Some(Fault::HoldLoadUntil("/tmp/go".into()))
+        );
+        assert_eq!(
+            Fault::parse("fail-slot-move:MOVE"),
+            Some(Fault::FailSlotMove("MOVE".into()))
         );
         assert_eq!(Fault::parse("stall-on-prompt:"), None);
         assert_eq!(Fault::parse("explode:now"), None);

@@ -80,6 +80,23 @@ impl PrefixCache {
         }
     }
 
+    /// Leading tokens of `prompt` that [`resume`](Self::resume) would copy
+    /// now; 0 when nothing is cached for it (or the cache is off).
+    pub fn reusable(&self, prompt: &[u32]) -> usize {
+        if self.budget == 0 || prompt.len() <= 1 {
+            return 0;
+        }
+        self.longest_prefix(prompt)
+            .map_or(0, |(_, matched)| matched.min(prompt.len() - 1))
+    }
+
+    /// Counts a prompt started without a cached prefix (while the cache is on).
+    pub fn record_miss(&self) {
+        if self.budget > 0 {
+            Stats::add(&self.stats.prefix_misses, 1);
+        }
+    }
+
     /// Finds the longest cached prefix of `prompt` and copies its keys and
     /// values into positions `0..hit.reused` of `slot`. None when nothing is
     /// cached for it (or the cache is off).

@@ -37,8 +37,11 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Greedy: temperature 0, or one so small that `1/t` overflows (a
+    /// limit of sampling that is the argmax; dividing by it would turn the
+    /// best logit into NaN and pick an arbitrary token).
     pub fn is_greedy(&self) -> bool {
-        self.temperature == 0.0
+        self.temperature == 0.0 || !(1.0 / self.temperature).is_finite()
     }
 
     /// True when the token can be chosen by a plain argmax of the raw logits
@@ -130,6 +133,10 @@ impl Sampler {
             cand.retain(|c| c.1 >= threshold);
         }
         let total: f32 = cand.iter().map(|c| c.1).sum();
+        if !(total.is_finite() && total > 0.0) {
+            // Non-finite logits leave no distribution to draw from.
+            return argmax(logits);
+        }
         let mut r = self.rng.random::<f32>() * total;
         for &(id, w) in &cand {
             if r < w {
@@ -216,6 +223,26 @@ mod tests {
     fn greedy_picks_the_argmax() {
         let mut s = Sampler::new(params(0.0));
         assert_eq!(s.sample(&mut [0.1, 3.0, 2.9, -1.0], &[]).token, 1);
+    }
+
+    #[test]
+    fn a_temperature_whose_inverse_overflows_is_greedy() {
+        // 1/1e-40 is infinite in f32: (best - best) * inf would be NaN.
+        let tiny = 1e-40f32;
+        assert!(!(1.0 / tiny).is_finite());
+        let p = SamplingParams {
+            top_k: 3,
+            ..params(tiny)
+        };
+        assert!(p.is_greedy() && p.is_plain_argmax());
+        let logits = [0.5, 4.0, 1.0, -2.0, 3.0];
+        for seed in 0..20 {
+            let mut s = Sampler::new(SamplingParams { seed, ..p.clone() });
+            assert_eq!(s.sample(&mut logits.to_vec(), &[]).token, 1, "seed {seed}");
+        }
+        // The smallest normal temperature still samples, from the best token.
+        let mut s = Sampler::new(params(f32::MIN_POSITIVE));
+        assert_eq!(s.sample(&mut logits.to_vec(), &[]).token, 1);
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! The model thread's loop: continuous batching. At every step waiting
-//! requests join the batch (their prompts run as batched prefills and their
-//! first tokens are sampled at once), requests whose client is gone leave it,
-//! and one decode step runs every running sequence together. A prompt longer
-//! than the prefill budget runs in chunks, one chunk a step, so the running
-//! streams keep getting tokens while it is read.
+//! requests join the batch (their prompts run as one batched prefill and
+//! their first tokens are sampled at once), requests whose client is gone
+//! leave it, and one decode step runs every running sequence together. The
+//! prompt tokens read per step are bounded (`max_prefill_tokens`), so the
+//! running streams keep getting tokens however many prompts arrive; a longer
+//! prompt is read in chunks, in a slot of its own, while others join.
 
 use std::collections::VecDeque;
 use std::sync::atomic::AtomicBool;
@@ -41,6 +42,8 @@ struct Sequence {
     first_token: Option<Instant>,
     /// Where the prompt's cached prefix came from, if it had one.
     resumed: Option<Hit>,
+    /// Its last message went out; it leaves the batch at the end of the step.
+    finished: bool,
 }
 
 /// What the model thread is told: jobs in queue order, and a stop flag
@@ -60,9 +63,10 @@ pub(super) struct Scheduler {
     /// Padded prompt tokens one batched prefill (or one chunk) may hold.
     max_prefill_tokens: usize,
     running: Vec<Sequence>,
-    /// A long prompt being read in chunks; it owns slot `running.len()`.
+    /// A long prompt being read in chunks; it owns the last slot.
     chunked: Option<Chunked>,
-    /// Taken from the queue, waiting for the chunked prefill to finish.
+    /// Taken from the queue (each holds a slot), in arrival order, waiting
+    /// for their prompt's turn within a step's prefill budget.
     pending: VecDeque<Job>,
     /// Prefixes of finished sequences, for prompts that start with one.
     prefix: PrefixCache,
@@ -117,65 +121,77 @@ impl Scheduler {
     /// Serves jobs until told to stop, or until every sender is gone and the
     /// batch has drained.
     pub fn run(mut self) {
-        while self.admit() {
-            self.drop_cancelled();
-            self.prefill_next_chunk();
-            if !self.running.is_empty() {
-                self.decode_step();
-            }
-            self.publish_admitted(0);
-            self.publish_cache_use();
-            self.stats.heartbeat.beat();
-        }
+        while self.step() {}
         tracing::info!(model = %self.name, "model thread stopped");
     }
 
-    /// Moves waiting jobs into free slots; blocks when nothing is running.
-    /// Returns false once told to stop, or once the queue is closed and
-    /// nothing is left to do.
+    /// One turn of the loop: admit, prefill within the step's budget, decode.
+    /// Blocks while there is nothing to do; false once the thread should stop.
+    fn step(&mut self) -> bool {
+        if !self.admit() {
+            return false;
+        }
+        self.drop_cancelled();
+        self.start_prompts();
+        if !self.running.is_empty() {
+            self.decode_step();
+        }
+        self.publish_counts();
+        self.publish_cache_use();
+        self.stats.heartbeat.beat();
+        true
+    }
+
+    /// Takes waiting jobs from the queue while slots are free (each job
+    /// taken holds one); blocks when there is nothing to do. Returns false
+    /// once told to stop, or once the queue is closed and nothing is left.
     fn admit(&mut self) -> bool {
-        let mut joining = Vec::new();
-        let idle = self.running.is_empty() && self.chunked.is_none() && self.pending.is_empty();
-        if idle {
+        if self.idle() {
             self.stats.heartbeat.idle();
             let command = self.inbox.jobs.blocking_recv();
             self.stats.heartbeat.busy();
             match command {
-                Some(Command::Generate(job)) => joining.push(job),
+                Some(Command::Generate(job)) => self.pending.push_back(job),
                 Some(Command::Stop) => {}
                 None => return false,
             }
         }
         if self.inbox.stop.load(SeqCst) {
-            return self.stop(joining);
+            return self.stop();
         }
-        if self.chunked.is_some() {
-            // Slots are given out in order: the next wait for the long prompt.
-            self.pending.extend(joining);
-            return true;
-        }
-        while self.running.len() + joining.len() < self.cache.max_batch() {
-            if let Some(job) = self.pending.pop_front() {
-                joining.push(job);
-                continue;
-            }
+        while self.slots_held() < self.cache.max_batch() {
             match self.inbox.jobs.try_recv() {
-                Ok(Command::Generate(job)) => joining.push(job),
+                Ok(Command::Generate(job)) => self.pending.push_back(job),
                 Ok(Command::Stop) => {}
                 Err(_) => break,
             }
         }
-        self.start(joining);
         true
     }
 
+    /// Nothing running, being read or taken from the queue.
+    fn idle(&self) -> bool {
+        self.running.is_empty() && self.chunked.is_none() && self.pending.is_empty()
+    }
+
+    /// Slots running sequences, the chunked prompt and taken jobs hold.
+    fn slots_held(&self) -> usize {
+        self.running.len() + usize::from(self.chunked.is_some()) + self.pending.len()
+    }
+
+    /// The slot a prompt read in chunks fills: the last one, so that others
+    /// may join the batch (slots `0..B`) meanwhile.
+    fn chunk_slot(&self) -> usize {
+        self.cache.max_batch() - 1
+    }
+
     /// Ends every request still here, running or queued, with UNAVAILABLE.
-    fn stop(&mut self, joining: Vec<Job>) -> bool {
+    fn stop(&mut self) -> bool {
         let running = std::mem::take(&mut self.running).into_iter().map(|s| s.job);
         let chunked = self.chunked.take().map(|c| c.job);
         let pending = std::mem::take(&mut self.pending);
         let mut ended = 0;
-        for job in running.chain(chunked).chain(pending).chain(joining) {
+        for job in running.chain(chunked).chain(pending) {
             let _ = job.events.send(Event::Failed(ServerError::ShuttingDown));
             ended += 1;
         }
@@ -189,88 +205,142 @@ impl Scheduler {
         false
     }
 
-    /// Runs the prompts of joining jobs, shortest first, in batches of at
-    /// most `max_prefill_tokens` padded tokens, and emits their first tokens.
-    /// The first prompt longer than that starts a chunked prefill; the jobs
-    /// after it wait.
-    fn start(&mut self, mut jobs: Vec<Job>) {
-        jobs.retain(|job| {
-            let gone = job.events.is_closed();
-            if gone {
-                Stats::add(&self.stats.cancelled, 1);
-            }
-            !gone
-        });
-        #[cfg(debug_assertions)]
-        if let Some(fault) = &self.fault {
-            for job in &jobs {
-                fault.on_prompt(|| Decode::decode(self.tokenizer.as_ref(), &job.prompt_ids));
-            }
-        }
-        let mut jobs = self.resume_cached(jobs);
-        if self.chunked.is_some() {
-            self.pending.extend(jobs);
-            return;
-        }
-        jobs.sort_by_key(|job| job.prompt_ids.len());
-        while !jobs.is_empty() {
-            if jobs[0].prompt_ids.len() > self.max_prefill_tokens {
-                let job = jobs.remove(0);
-                self.chunked = Some(Chunked {
-                    job,
-                    done: 0,
-                    started: Instant::now(),
-                    resumed: None,
-                });
-                self.pending.extend(jobs);
-                return;
-            }
-            let lengths = jobs.iter().map(|job| job.prompt_ids.len());
-            let n = prefill_group_len(lengths, self.max_prefill_tokens);
-            let group: Vec<Job> = jobs.drain(..n).collect();
-            self.prefill(group);
-            self.stats.heartbeat.beat();
-        }
+    /// Reads prompts within one step's budget of `max_prefill_tokens`
+    /// (padded) tokens, so that the running streams get their next token
+    /// after at most that much prefill however many prompts arrive. New
+    /// prompts go first; while a long prompt is read in chunks they take at
+    /// most half the budget, and the chunk takes the rest.
+    fn start_prompts(&mut self) {
+        let budget = self.max_prefill_tokens;
+        let share = if self.chunked.is_some() {
+            budget / 2
+        } else {
+            budget
+        };
+        let used = self.start_new(share);
+        self.prefill_next_chunk(budget.saturating_sub(used));
     }
 
-    /// Starts the jobs whose prompt begins with a cached prefix: the
-    /// prefix's keys and values are copied into the next free slot and only
-    /// the rest of the prompt is read, as a chunked prefill from there (in
-    /// one go when it fits `max_prefill_tokens`). Returns the other jobs; a
-    /// rest longer than that leaves its job chunked, and the jobs after it
-    /// are returned unread.
-    fn resume_cached(&mut self, jobs: Vec<Job>) -> Vec<Job> {
-        let mut others = Vec::new();
-        for job in jobs {
-            if self.chunked.is_some() {
-                others.push(job);
+    /// Starts the taken jobs that fit `share` tokens, in arrival order: new
+    /// prompts as one batched prefill (padded to the longest), prompts that
+    /// start with a cached prefix by reading only the rest, and the first
+    /// prompt longer than the budget as the chunked one when there is none.
+    /// Jobs that do not fit wait, in order, for the next steps. Returns the
+    /// tokens used.
+    fn start_new(&mut self, share: usize) -> usize {
+        let mut used = 0;
+        let mut group: Vec<Job> = Vec::new();
+        let mut longest = 0;
+        let mut waiting = VecDeque::new();
+        while let Some(job) = self.pending.pop_front() {
+            if job.events.is_closed() {
+                Stats::add(&self.stats.cancelled, 1);
                 continue;
             }
-            let slot = self.running.len();
-            let hit = match self.prefix.resume(&job.prompt_ids, &mut self.cache, slot) {
-                Ok(Some(hit)) => hit,
-                Ok(None) => {
-                    others.push(job);
-                    continue;
+            let reusable = self.prefix.reusable(&job.prompt_ids);
+            let rest = job.prompt_ids.len() - reusable;
+            let group_cost = group.len() * longest;
+            if rest > self.max_prefill_tokens {
+                if self.chunked.is_some() {
+                    waiting.push_back(job);
+                } else {
+                    self.start_chunked(job, reusable);
                 }
-                Err(e) => {
-                    self.fail(job, &e.to_string());
-                    continue;
+            } else if reusable > 0 {
+                if used + group_cost + rest <= share {
+                    used += rest;
+                    self.start_resumed(job);
+                } else {
+                    waiting.push_back(job);
                 }
-            };
-            self.chunked = Some(Chunked {
-                job,
-                done: hit.reused,
-                started: Instant::now(),
-                resumed: Some(hit),
-            });
-            self.prefill_next_chunk();
+            } else {
+                let wider = longest.max(rest);
+                if used + (group.len() + 1) * wider <= share {
+                    longest = wider;
+                    group.push(job);
+                } else {
+                    waiting.push_back(job);
+                }
+            }
         }
-        others
+        self.pending = waiting;
+        let group_cost = group.len() * longest;
+        if !group.is_empty() {
+            self.prefill(group);
+        }
+        used + group_cost
     }
 
-    /// One batched prefill: the jobs take the next free slots, in order.
+    /// On the model thread, as a request starts: the debug faults that
+    /// stall or panic on a prompt.
+    fn on_start(&self, job: &Job) {
+        #[cfg(debug_assertions)]
+        if let Some(fault) = &self.fault {
+            fault.on_prompt(|| Decode::decode(self.tokenizer.as_ref(), &job.prompt_ids));
+        }
+        #[cfg(not(debug_assertions))]
+        let _ = job;
+    }
+
+    /// Makes `job` the prompt read in chunks, in the chunk slot, after the
+    /// first `reusable` tokens copied from the prefix cache.
+    fn start_chunked(&mut self, job: Job, reusable: usize) {
+        self.on_start(&job);
+        let slot = self.chunk_slot();
+        let (done, resumed) = if reusable > 0 {
+            match self.prefix.resume(&job.prompt_ids, &mut self.cache, slot) {
+                Ok(Some(hit)) => (hit.reused, Some(hit)),
+                Ok(None) => (0, None),
+                Err(e) => return self.fail(job, &e.to_string()),
+            }
+        } else {
+            self.prefix.record_miss();
+            (0, None)
+        };
+        self.chunked = Some(Chunked {
+            job,
+            done,
+            started: Instant::now(),
+            resumed,
+        });
+    }
+
+    /// Starts a job whose prompt begins with a cached prefix: the prefix's
+    /// keys and values are copied into the next free slot and only the rest
+    /// of the prompt is read.
+    fn start_resumed(&mut self, job: Job) {
+        self.on_start(&job);
+        let started = Instant::now();
+        let slot = self.running.len();
+        let hit = match self.prefix.resume(&job.prompt_ids, &mut self.cache, slot) {
+            Ok(hit) => hit,
+            Err(e) => return self.fail(job, &e.to_string()),
+        };
+        // None only if the entry went in between: then the whole prompt.
+        let done = hit.map_or(0, |h| h.reused);
+        let row = self
+            .model
+            .prefill_chunk(&job.prompt_ids[done..], &mut self.cache, slot, done)
+            .and_then(|logits| Vec::<f32>::try_from(&logits));
+        let mut row = match row {
+            Ok(row) => row,
+            Err(e) => return self.fail(job, &e.to_string()),
+        };
+        Stats::add(&self.stats.prefills, 1);
+        let sampled = self.begin(job, &mut row, started);
+        if let Some(seq) = self.running.last_mut() {
+            seq.resumed = hit;
+        }
+        self.emit_from(slot, vec![sampled]);
+    }
+
+    /// One batched prefill of new prompts: the jobs take the next free
+    /// slots, in order.
     fn prefill(&mut self, jobs: Vec<Job>) {
+        for job in &jobs {
+            self.on_start(job);
+            self.prefix.record_miss();
+        }
         let started = Instant::now();
         let first = self.running.len();
         let prompts: Vec<&[u32]> = jobs.iter().map(|j| j.prompt_ids.as_slice()).collect();
@@ -298,15 +368,19 @@ impl Scheduler {
         self.emit_from(first, sampled);
     }
 
-    /// Reads the next chunk of the long prompt, if there is one; after the
-    /// last chunk the sequence joins the batch with its first token.
-    fn prefill_next_chunk(&mut self) {
+    /// Reads up to `allowance` more tokens of the long prompt, if there is
+    /// one; after the last chunk its rows move to the batch's next slot and
+    /// it joins the batch with its first token.
+    fn prefill_next_chunk(&mut self, allowance: usize) {
+        if allowance == 0 {
+            return;
+        }
         let Some(mut chunked) = self.chunked.take() else {
             return;
         };
-        let slot = self.running.len();
+        let slot = self.chunk_slot();
         let prompt = &chunked.job.prompt_ids;
-        let end = (chunked.done + self.max_prefill_tokens).min(prompt.len());
+        let end = (chunked.done + allowance.min(self.max_prefill_tokens)).min(prompt.len());
         let logits = self.model.prefill_chunk(
             &prompt[chunked.done..end],
             &mut self.cache,
@@ -327,11 +401,15 @@ impl Scheduler {
             Ok(row) => row,
             Err(e) => return self.fail(chunked.job, &e.to_string()),
         };
+        let to = self.running.len();
+        if let Err(e) = self.cache.move_slot(slot, to, end) {
+            return self.fail(chunked.job, &format!("moving a KV cache slot: {e}"));
+        }
         let sampled = self.begin(chunked.job, &mut row, chunked.started);
         if let Some(seq) = self.running.last_mut() {
             seq.resumed = chunked.resumed;
         }
-        self.emit_from(slot, vec![sampled]);
+        self.emit_from(to, vec![sampled]);
     }
 
     /// Adds a job whose prompt is in the cache (at slot `running.len()`) to
@@ -345,10 +423,11 @@ impl Scheduler {
             cached: job.prompt_ids.len(),
             next: 0,
             generated: 0,
-            text: TextStream::new(job.stops.clone()),
+            text: TextStream::new(job.stops.clone(), &job.prompt_ids, self.tokenizer.as_ref()),
             started,
             first_token: None,
             resumed: None,
+            finished: false,
             job,
         });
         sampled
@@ -366,13 +445,10 @@ impl Scheduler {
         let sampled = match sampled {
             Ok(s) => s,
             Err(e) => {
-                // The chunked prompt's slot follows the batch: it goes too.
+                // The chunked prompt's slot is apart: it goes on.
                 let message = e.to_string();
                 for seq in std::mem::take(&mut self.running) {
                     self.fail(seq.job, &message);
-                }
-                if let Some(chunked) = self.chunked.take() {
-                    self.fail(chunked.job, &message);
                 }
                 return;
             }
@@ -392,6 +468,7 @@ impl Scheduler {
         let mut done = Vec::new();
         for (i, (seq, s)) in running[first..].iter_mut().zip(sampled).enumerate() {
             if self.emit(seq, s) {
+                seq.finished = true;
                 done.push(first + i);
             }
         }
@@ -400,20 +477,28 @@ impl Scheduler {
             // Published before the removals (which may copy prefixes into
             // the prefix cache): a client that saw its stream end reads a
             // count without it.
-            self.publish_admitted(done.len());
+            self.publish_running(done.len());
         }
         for i in done.into_iter().rev() {
-            self.remove(i);
+            if !self.remove(i) {
+                break;
+            }
         }
     }
 
-    /// Publishes how many requests are admitted: decoding, being read, or
-    /// next in line, less `leaving` that finished this step.
-    fn publish_admitted(&self, leaving: usize) {
-        let admitted = self.running.len() + self.pending.len() + self.chunked.iter().count();
-        self.stats
-            .running
-            .store(admitted.saturating_sub(leaving) as u32, Relaxed);
+    /// Publishes how many sequences are decoding, less `leaving` that
+    /// finished this step.
+    fn publish_running(&self, leaving: usize) {
+        let decoding = self.running.len().saturating_sub(leaving);
+        self.stats.running.store(decoding as u32, Relaxed);
+    }
+
+    /// Publishes the decoding sequences and the taken jobs that are not
+    /// decoding yet (being read in chunks or waiting for their turn).
+    fn publish_counts(&self) {
+        self.publish_running(0);
+        let prefilling = self.pending.len() + usize::from(self.chunked.is_some());
+        self.stats.prefilling.store(prefilling as u32, Relaxed);
     }
 
     /// Samples one token per row of `logits` (`[B, vocab]`, float32). Plain
@@ -461,10 +546,14 @@ impl Scheduler {
             ..Default::default()
         };
         if let Some(logprob) = sampled.logprob {
+            // Decoded after the text so far, as the chosen token is.
+            let ids: Vec<u32> = sampled.top.iter().map(|&(id, _)| id).collect();
+            let texts = seq.text.next_texts(&ids, tokenizer);
             let top = sampled
                 .top
                 .iter()
-                .map(|&(id, lp)| (id, tokenizer.decode(&[id]), lp))
+                .zip(texts)
+                .map(|(&(id, lp), text)| (id, text, lp))
                 .collect();
             chunk.logprobs.push(TokenLogprob {
                 token_id: token,
@@ -518,7 +607,9 @@ impl Scheduler {
             if self.running[i].job.events.is_closed() {
                 let generated = self.running[i].generated;
                 self.log_cancel(&self.running[i].job, generated);
-                self.remove(i);
+                if !self.remove(i) {
+                    break;
+                }
             }
         }
         if self
@@ -533,28 +624,39 @@ impl Scheduler {
     }
 
     /// Takes sequence `i` out of the batch; the last sequence moves into its
-    /// slot, and a chunked prompt after the batch moves down one.
-    fn remove(&mut self, i: usize) {
+    /// slot. Returns false when the move failed: the cache no longer matches
+    /// the slots, so every unfinished request of the batch got INTERNAL and
+    /// the batch is empty (the engine serves on; the chunked prompt, in its
+    /// own slot, goes on); callers stop using indices into it.
+    fn remove(&mut self, i: usize) -> bool {
         self.keep_prefix(i);
         let last = self.running.len() - 1;
         self.running.swap_remove(i);
-        let mut moved = Ok(());
-        if i != last {
-            moved = self.cache.move_slot(last, i, self.running[i].cached);
+        if i == last {
+            return true;
         }
-        if let (Ok(()), Some(chunked)) = (&moved, &self.chunked) {
-            moved = self.cache.move_slot(last + 1, last, chunked.done);
-        }
-        if let Err(e) = moved {
-            // The cache no longer matches the slots: nothing here can go on.
-            let message = e.to_string();
-            for seq in std::mem::take(&mut self.running) {
+        let Err(e) = self.move_slot(last, i) else {
+            return true;
+        };
+        let message = format!("moving a KV cache slot: {e}");
+        for seq in std::mem::take(&mut self.running) {
+            // Those about to leave had their last message already.
+            if !seq.finished {
                 self.fail(seq.job, &message);
             }
-            if let Some(chunked) = self.chunked.take() {
-                self.fail(chunked.job, &message);
-            }
         }
+        self.publish_running(0);
+        false
+    }
+
+    /// Moves the rows of the sequence now at `running[to]` from slot `from`.
+    fn move_slot(&mut self, from: usize, to: usize) -> Result<(), tch::TchError> {
+        #[cfg(debug_assertions)]
+        if let Some(fault) = &self.fault {
+            let prompt = &self.running[to].job.prompt_ids;
+            fault.on_slot_move(|| Decode::decode(self.tokenizer.as_ref(), prompt))?;
+        }
+        self.cache.move_slot(from, to, self.running[to].cached)
     }
 
     /// Offers the rows of the sequence in slot `i` (every token but the
@@ -612,33 +714,290 @@ fn ms(d: std::time::Duration) -> f64 {
     (d.as_secs_f64() * 1e5).round() / 100.0
 }
 
-/// How many prompts of the given lengths (ascending) go into the next
-/// prefill: as many as fit `budget` tokens once padded to the longest, and
-/// at least one.
-fn prefill_group_len(lengths: impl Iterator<Item = usize>, budget: usize) -> usize {
-    let mut n = 0;
-    for len in lengths {
-        if n > 0 && (n + 1) * len > budget {
-            break;
-        }
-        n += 1;
-    }
-    n
-}
-
 #[cfg(test)]
 mod tests {
-    use super::prefill_group_len;
+    use super::*;
+    use crate::engine::request::Event;
+    use crate::model::LoadOptions;
+    use tokio::sync::mpsc::UnboundedReceiver;
+
+    const CONTEXT: usize = 256;
+
+    /// A scheduler over the bundled model on the CPU, and its queue.
+    fn scheduler(
+        max_batch: usize,
+        max_prefill_tokens: usize,
+    ) -> (Scheduler, mpsc::Sender<Command>) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/torchwire-tiny");
+        let model = Llama::load(
+            &dir,
+            LoadOptions {
+                device: tch::Device::Cpu,
+                kind: Kind::Float,
+                max_positions: CONTEXT,
+            },
+        )
+        .unwrap();
+        let cache = KvCache::new(
+            model.num_layers(),
+            max_batch,
+            model.kv_heads(),
+            CONTEXT,
+            model.head_dim(),
+            tch::Device::Cpu,
+            Kind::Float,
+        )
+        .unwrap();
+        let tokenizer = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+        let (tx, rx) = mpsc::channel(64);
+        let inbox = Inbox {
+            jobs: rx,
+            stop: Arc::new(AtomicBool::new(false)),
+        };
+        let stats = Arc::new(Stats::default());
+        let s = Scheduler::new(
+            "test".into(),
+            model,
+            cache,
+            Arc::new(tokenizer),
+            inbox,
+            stats,
+            max_prefill_tokens,
+        );
+        (s, tx)
+    }
+
+    /// A greedy job for `prompt` (the bundled tokenizer's ids) that
+    /// generates exactly `tokens` tokens.
+    fn job(s: &Scheduler, prompt: &str, tokens: usize) -> (Job, UnboundedReceiver<Event>) {
+        let ids = s
+            .tokenizer
+            .encode(prompt, false)
+            .unwrap()
+            .get_ids()
+            .to_vec();
+        let (events, rx) = mpsc::unbounded_channel();
+        let job = Job {
+            request_id: prompt.chars().take(16).collect(),
+            prompt_ids: ids,
+            params: Default::default(),
+            max_new_tokens: tokens,
+            stops: Vec::new(),
+            ignore_eos: true,
+            arrived: Instant::now(),
+            events,
+        };
+        (job, rx)
+    }
+
+    /// Steps until nothing is left to do (a step with nothing to do would
+    /// block on the queue).
+    fn run_until_idle(s: &mut Scheduler, queue: &mpsc::Sender<Command>) {
+        for _ in 0..1000 {
+            if s.idle() && queue.capacity() == queue.max_capacity() {
+                return;
+            }
+            assert!(s.step());
+        }
+        panic!("still busy after 1000 steps");
+    }
+
+    fn submit(queue: &mpsc::Sender<Command>, job: Job) {
+        queue.try_send(Command::Generate(job)).unwrap();
+    }
+
+    /// What a request got so far: tokens, and whether it finished or failed.
+    #[derive(Debug, Default, PartialEq)]
+    struct Outcome {
+        tokens: usize,
+        finished: bool,
+        failed: Option<tonic::Code>,
+    }
+
+    /// A greedy job for exactly these prompt ids.
+    fn job_ids(ids: Vec<u32>, tokens: usize) -> (Job, UnboundedReceiver<Event>) {
+        let (events, rx) = mpsc::unbounded_channel();
+        let job = Job {
+            request_id: format!("{} tokens", ids.len()),
+            prompt_ids: ids,
+            params: Default::default(),
+            max_new_tokens: tokens,
+            stops: Vec::new(),
+            ignore_eos: true,
+            arrived: Instant::now(),
+            events,
+        };
+        (job, rx)
+    }
+
+    /// `n` prompt ids of ordinary text (different texts for different `seed`s).
+    fn prompt(s: &Scheduler, n: usize, seed: usize) -> Vec<u32> {
+        let words = [
+            "river", "stone", "light", "garden", "window", "summer", "paper",
+        ];
+        let text: Vec<&str> = (0..n)
+            .map(|i| words[(i * 3 + seed) % words.len()])
+            .collect();
+        let ids = s.tokenizer.encode(text.join(" "), false).unwrap();
+        assert!(ids.len() >= n);
+        ids.get_ids()[..n].to_vec()
+    }
+
+    /// Every token id a request got so far (greedy outputs to compare).
+    fn token_ids(rx: &mut UnboundedReceiver<Event>) -> Vec<u32> {
+        let mut ids = Vec::new();
+        while let Ok(event) = rx.try_recv() {
+            if let Event::Step { chunk, .. } = event {
+                ids.extend(chunk.token_ids);
+            }
+        }
+        ids
+    }
+
+    fn drain(rx: &mut UnboundedReceiver<Event>, into: &mut Outcome) {
+        while let Ok(event) = rx.try_recv() {
+            match event {
+                Event::Step { chunk, finish } => {
+                    into.tokens += chunk.token_ids.len();
+                    into.finished |= finish.is_some();
+                }
+                Event::Failed(e) => into.failed = Some(tonic::Status::from(e).code()),
+            }
+        }
+    }
+
+    fn outcome(rx: &mut UnboundedReceiver<Event>) -> Outcome {
+        let mut o = Outcome::default();
+        drain(rx, &mut o);
+        o
+    }
 
     #[test]
-    fn prefill_groups_fill_the_padded_budget() {
-        let group = |lens: &[usize], budget| prefill_group_len(lens.iter().copied(), budget);
-        assert_eq!(group(&[32; 16], 4096), 16);
-        assert_eq!(group(&[32; 16], 100), 3);
-        // Padded to the longest: 3 x 40 > 100 stops at two.
-        assert_eq!(group(&[10, 20, 40, 40], 100), 2);
-        // A prompt longer than the budget still runs, alone.
-        assert_eq!(group(&[5000, 6000], 4096), 1);
-        assert_eq!(group(&[7], 1), 1);
+    fn a_failed_slot_move_fails_the_batch_and_the_engine_serves_on() {
+        let (mut s, queue) = scheduler(4, 512);
+        s.fault = Some(crate::engine::fault::Fault::FailSlotMove("MOVE".into()));
+        // One prefill puts them in slots 0..4 in this order; the first two
+        // finish at the same (second) step, so slot 3 (MOVE) moves into
+        // slot 1 and fails while slot 0 still has to leave.
+        let prompts = [
+            "one two three",
+            "four five six",
+            "seven eight nine",
+            "ten MOVE ten",
+        ];
+        let tokens = [3, 3, 8, 8];
+        let mut rxs = Vec::new();
+        for (prompt, n) in prompts.iter().zip(tokens) {
+            let (j, rx) = job(&s, prompt, n);
+            submit(&queue, j);
+            rxs.push(rx);
+        }
+        assert!(s.step());
+        let order: Vec<&str> = s
+            .running
+            .iter()
+            .map(|q| q.job.request_id.as_str())
+            .collect();
+        assert_eq!(order, prompts, "the slots are in submission order");
+        run_until_idle(&mut s, &queue);
+        let outcomes: Vec<Outcome> = rxs.iter_mut().map(outcome).collect();
+        let ok = |tokens| Outcome {
+            tokens,
+            finished: true,
+            failed: None,
+        };
+        assert_eq!(outcomes[0], ok(3));
+        assert_eq!(outcomes[1], ok(3));
+        for o in &outcomes[2..] {
+            assert_eq!(o.failed, Some(tonic::Code::Internal), "{outcomes:?}");
+            assert!(!o.finished);
+        }
+        assert!(s.running.is_empty());
+        assert_eq!(s.stats.running.load(Relaxed), 0);
+
+        // The next request is served as usual.
+        let (j, mut rx) = job(&s, "eleven twelve", 3);
+        submit(&queue, j);
+        run_until_idle(&mut s, &queue);
+        assert_eq!(outcome(&mut rx), ok(3));
+    }
+
+    #[test]
+    fn many_prompts_arriving_together_are_read_a_budget_per_step() {
+        let (mut s, queue) = scheduler(8, 64);
+        let (running, mut running_rx) = job_ids(prompt(&s, 5, 0), 40);
+        submit(&queue, running);
+        assert!(s.step());
+        assert_eq!(
+            outcome(&mut running_rx).tokens,
+            2,
+            "first token and one step"
+        );
+
+        // Five prompts of 50 tokens: one fits a 64-token step, two do not.
+        let mut rxs: Vec<_> = (0..5)
+            .map(|i| {
+                let (j, rx) = job_ids(prompt(&s, 50, i + 1), 20);
+                submit(&queue, j);
+                rx
+            })
+            .collect();
+        let mut started = [false; 5];
+        for step in 1..=5 {
+            let prefills = Stats::get(&s.stats.prefills);
+            assert!(s.step());
+            // One prompt read per step, and the running stream's next token.
+            assert_eq!(Stats::get(&s.stats.prefills), prefills + 1, "step {step}");
+            assert_eq!(outcome(&mut running_rx).tokens, 1, "step {step}");
+            for (i, rx) in rxs.iter_mut().enumerate() {
+                started[i] |= outcome(rx).tokens > 0;
+            }
+            assert_eq!(started.iter().filter(|&&s| s).count(), step);
+            assert_eq!(s.stats.prefilling.load(Relaxed) as usize, 5 - step);
+            assert_eq!(s.stats.running.load(Relaxed) as usize, 1 + step);
+        }
+        run_until_idle(&mut s, &queue);
+    }
+
+    #[test]
+    fn short_prompts_join_while_a_long_one_is_read_in_chunks() {
+        let (mut s, queue) = scheduler(4, 32);
+        let long_ids = prompt(&s, 150, 0);
+        let (long, mut long_rx) = job_ids(long_ids.clone(), 6);
+        submit(&queue, long);
+        assert!(s.step());
+        // Being read, not decoding.
+        assert_eq!(s.stats.running.load(Relaxed), 0);
+        assert_eq!(s.stats.prefilling.load(Relaxed), 1);
+
+        let (short, mut short_rx) = job_ids(prompt(&s, 5, 1), 12);
+        submit(&queue, short);
+        assert!(s.step());
+        let short_tokens = outcome(&mut short_rx).tokens;
+        assert_eq!(short_tokens, 2, "the short prompt joined and decodes");
+        assert!(s.chunked.is_some(), "the long prompt is still being read");
+        assert_eq!(s.stats.running.load(Relaxed), 1);
+        assert_eq!(s.stats.prefilling.load(Relaxed), 1);
+        let mut steps = 0;
+        while s.chunked.is_some() {
+            assert!(s.step());
+            steps += 1;
+            assert_eq!(
+                outcome(&mut short_rx).tokens,
+                1,
+                "one token a step meanwhile"
+            );
+        }
+        assert!(steps >= 3, "{steps} steps to read 150 tokens in chunks");
+        run_until_idle(&mut s, &queue);
+        let chunked = token_ids(&mut long_rx);
+        assert_eq!(chunked.len(), 6);
+
+        // Greedy: the same tokens as the prompt read in one go, alone.
+        let (mut alone, queue) = scheduler(1, 512);
+        let (long, mut rx) = job_ids(long_ids, 6);
+        submit(&queue, long);
+        run_until_idle(&mut alone, &queue);
+        assert_eq!(chunked, token_ids(&mut rx));
     }
 }

@@ -9,7 +9,11 @@ use super::liveness::Heartbeat;
 /// Live counters of one engine (written by its model thread).
 #[derive(Debug, Default)]
 pub struct Stats {
+    /// Sequences in the batch, decoding.
     pub running: AtomicU32,
+    /// Requests the model thread took from the queue that do not decode
+    /// yet: their prompt is being read in chunks or waits its turn.
+    pub prefilling: AtomicU32,
     pub peak_batch: AtomicU32,
     pub decode_steps: AtomicU64,
     pub prefills: AtomicU64,
@@ -40,6 +44,11 @@ impl Stats {
     pub fn record_step(&self, batch: usize) {
         self.decode_steps.fetch_add(1, Relaxed);
         self.peak_batch.fetch_max(batch as u32, Relaxed);
+    }
+
+    /// Batch slots held: decoding sequences and taken requests.
+    pub fn slots_held(&self) -> usize {
+        self.running.load(Relaxed) as usize + self.prefilling.load(Relaxed) as usize
     }
 
     pub fn add(counter: &AtomicU64, n: u64) {

@@ -62,6 +62,7 @@ impl Llama {
     /// Loads `dir` (config.json, safetensors, generation_config.json).
     pub fn load(dir: &Path, opts: LoadOptions) -> Result<Self, String> {
         let config = HfConfig::read(dir)?;
+        config.check_context(opts.max_positions)?;
         let generation = GenerationConfig::read(dir)?;
         let eos_token_ids = generation
             .eos_token_id

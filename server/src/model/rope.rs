@@ -13,7 +13,8 @@ pub fn inverse_frequencies(config: &HfConfig) -> Vec<f64> {
         .map(|i| 1.0 / theta.powf((2 * i) as f64 / dim as f64))
         .collect();
     if let Some(rope) = config.rope() {
-        if rope.rope_type.as_deref() == Some("llama3") {
+        // Other types are refused when the config is read.
+        if rope.kind() == Some("llama3") {
             llama3_scale(
                 &mut inv,
                 rope.factor.unwrap_or(8.0),
@@ -21,7 +22,7 @@ pub fn inverse_frequencies(config: &HfConfig) -> Vec<f64> {
                 rope.high_freq_factor.unwrap_or(4.0),
                 rope.original_max_position_embeddings.unwrap_or(8192) as f64,
             );
-        } else if rope.rope_type.as_deref() == Some("linear") {
+        } else if rope.kind() == Some("linear") {
             let factor = rope.factor.unwrap_or(1.0);
             inv.iter_mut().for_each(|f| *f /= factor);
         }

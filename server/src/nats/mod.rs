@@ -143,8 +143,7 @@ fn free_slots(generator: &Generator) -> usize {
         .models()
         .iter()
         .map(|e| {
-            let busy =
-                e.stats.running.load(std::sync::atomic::Ordering::Relaxed) as usize + e.waiting();
+            let busy = e.stats.slots_held() + e.waiting();
             e.info.max_batch_size.saturating_sub(busy)
         })
         .sum()
