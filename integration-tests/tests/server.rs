@@ -679,13 +679,13 @@ async fn a_failed_kv_slot_move_fails_the_moved_request_and_the_server_serves_on(
     let msgs = collect(&mut c, request("And then", 8)).await.unwrap();
     assert_eq!(token_count(&msgs), 8);
     // It leaves the batch just after its last message: wait for that.
-    let mut s = stats(&mut c).await;
+    let mut s = model_stats(&mut c).await;
     for _ in 0..200 {
         if s.running == 0 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        s = stats(&mut c).await;
+        s = model_stats(&mut c).await;
     }
     assert_eq!((s.running, s.prefilling), (0, 0), "{s:?}");
 }

@@ -44,6 +44,19 @@ struct Sequence {
     resumed: Option<Hit>,
     /// Its last message went out; it leaves the batch at the end of the step.
     finished: bool,
+    /// Its rows were offered to the prefix cache already.
+    prefix_kept: bool,
+}
+
+/// What emitting a sampled token did to its sequence.
+enum Emitted {
+    /// It goes on.
+    More,
+    /// Its client has gone: it leaves the batch.
+    Gone,
+    /// It finished: this last message is sent once it has left the counts
+    /// and its prefix is stored.
+    Last(Event),
 }
 
 /// What the model thread is told: jobs in queue order, and a stop flag
@@ -428,6 +441,7 @@ impl Scheduler {
             first_token: None,
             resumed: None,
             finished: false,
+            prefix_kept: false,
             job,
         });
         sampled
@@ -461,23 +475,33 @@ impl Scheduler {
     }
 
     /// Emits `sampled[i]` for the sequence in slot `first + i` and removes
-    /// the sequences that finished.
+    /// the sequences that finished. A finished sequence's prefix is stored
+    /// and the decoding count published before its last message goes out:
+    /// a client that saw its stream end reads stats that include both.
     fn emit_from(&mut self, first: usize, sampled: Vec<Sampled>) {
         // Taken out while emitting so that `emit` may borrow the scheduler.
         let mut running = std::mem::take(&mut self.running);
         let mut done = Vec::new();
+        let mut last = Vec::new();
         for (i, (seq, s)) in running[first..].iter_mut().zip(sampled).enumerate() {
-            if self.emit(seq, s) {
-                seq.finished = true;
-                done.push(first + i);
+            match self.emit(seq, s) {
+                Emitted::More => continue,
+                Emitted::Gone => {}
+                Emitted::Last(event) => {
+                    Self::keep_prefix_of(&mut self.prefix, &self.cache, first + i, seq);
+                    last.push((seq.job.events.clone(), event));
+                }
             }
+            seq.finished = true;
+            done.push(first + i);
         }
         self.running = running;
         if !done.is_empty() {
-            // Published before the removals (which may copy prefixes into
-            // the prefix cache): a client that saw its stream end reads a
-            // count without it.
             self.publish_running(done.len());
+        }
+        for (events, event) in last {
+            // A client gone meanwhile needs nothing more.
+            let _ = events.send(event);
         }
         for i in done.into_iter().rev() {
             if !self.remove(i) {
@@ -531,7 +555,7 @@ impl Scheduler {
 
     /// Records a sampled token and sends it. Returns true when the sequence
     /// is finished (or its client is gone).
-    fn emit(&mut self, seq: &mut Sequence, sampled: Sampled) -> bool {
+    fn emit(&mut self, seq: &mut Sequence, sampled: Sampled) -> Emitted {
         let token = sampled.token;
         seq.generated += 1;
         seq.history.push(token);
@@ -593,12 +617,14 @@ impl Scheduler {
             Stats::add(&self.stats.finished, 1);
             finish
         });
-        let done = finish.is_some();
-        if seq.job.events.send(Event::Step { chunk, finish }).is_err() && !done {
-            self.log_cancel(&seq.job, seq.generated);
-            return true;
+        if finish.is_some() {
+            return Emitted::Last(Event::Step { chunk, finish });
         }
-        done
+        if seq.job.events.send(Event::Step { chunk, finish }).is_err() {
+            self.log_cancel(&seq.job, seq.generated);
+            return Emitted::Gone;
+        }
+        Emitted::More
     }
 
     /// Removes sequences whose client has gone away, freeing their slots.
@@ -662,11 +688,17 @@ impl Scheduler {
     /// Offers the rows of the sequence in slot `i` (every token but the
     /// last sampled one, which has no keys and values yet) to the prefix cache.
     fn keep_prefix(&mut self, i: usize) {
-        let seq = &self.running[i];
+        let seq = &mut self.running[i];
+        Self::keep_prefix_of(&mut self.prefix, &self.cache, i, seq);
+    }
+
+    /// Offers `seq`'s rows, in slot `slot` of `cache`, to `prefix` once.
+    fn keep_prefix_of(prefix: &mut PrefixCache, cache: &KvCache, slot: usize, seq: &mut Sequence) {
+        if std::mem::replace(&mut seq.prefix_kept, true) {
+            return;
+        }
         let tokens = &seq.history[..seq.cached];
-        let prompt = seq.job.prompt_ids.len();
-        self.prefix
-            .store(&self.cache, i, tokens, prompt, seq.resumed);
+        prefix.store(cache, slot, tokens, seq.job.prompt_ids.len(), seq.resumed);
     }
 
     /// Publishes how much of the KV cache is in use, for the metrics.
