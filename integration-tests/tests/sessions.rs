@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tonic::Code;
 use tonic_types::StatusExt;
-use torchwire_integration_tests::{NatsServer, Server};
+use torchwire_integration_tests::{model_stats, until, NatsServer, Server};
 use torchwire_nats::{codec, headers, Encoding};
 use torchwire_proto::v1::inference_client::InferenceClient;
 use torchwire_proto::v1::{
@@ -232,6 +232,20 @@ async fn racing_turns_of_one_session_store_exactly_one() {
     let last = get(&mut ca, "race").await.unwrap();
     assert_eq!(last.messages.len(), 6);
     assert_eq!(last.messages[4].content, loser_text);
+
+    // A turn its client cancels stores nothing.
+    let mut stream = ca
+        .chat(turn("race", SessionMode::Continue, "Never mind.", 200))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.next().await.unwrap().unwrap();
+    drop(stream);
+    until("the cancelled turn to leave the batch", WAIT, async || {
+        (model_stats(&mut ca).await.running == 0).then_some(())
+    })
+    .await;
+    assert_eq!(get(&mut ca, "race").await.unwrap(), last);
 }
 
 #[tokio::test]
