@@ -101,35 +101,34 @@ impl Sampler {
         }
     }
 
+    /// Draws from the tempered distribution restricted by top-k, top-p and
+    /// min-p. Only as many candidates as top-k or top-p keep are ever sorted:
+    /// top-p grows a best-first prefix by partial selection until it holds
+    /// the mass asked for, and plain temperature (or min-p) sampling sorts
+    /// nothing, walking the vocabulary in id order.
     fn draw(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        // Candidates sorted by probability, best first.
         let mut cand: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
             .map(|(i, &l)| (i as u32, ((l - max) * inv_t).exp()))
             .collect();
         if p.top_k > 0 && p.top_k < cand.len() {
-            cand.select_nth_unstable_by(p.top_k - 1, |a, b| b.1.total_cmp(&a.1));
+            cand.select_nth_unstable_by(p.top_k - 1, best_first);
             cand.truncate(p.top_k);
+            cand.sort_unstable_by(best_first);
         }
-        cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        let total: f32 = cand.iter().map(|c| c.1).sum();
         if p.top_p < 1.0 {
-            let mut cum = 0.0;
-            let keep = cand
-                .iter()
-                .position(|c| {
-                    cum += c.1 / total;
-                    cum >= p.top_p
-                })
-                .map_or(cand.len(), |i| i + 1);
+            let total: f32 = cand.iter().map(|c| c.1).sum();
+            let keep = smallest_prefix_reaching(&mut cand, p.top_p * total);
             cand.truncate(keep.max(1));
         }
         if p.min_p > 0.0 {
-            let threshold = cand[0].1 * p.min_p;
+            // The best candidate's weight: exp(0) = 1 unless the logits are not finite.
+            let best = cand.iter().map(|c| c.1).fold(f32::NEG_INFINITY, f32::max);
+            let threshold = best * p.min_p;
             cand.retain(|c| c.1 >= threshold);
         }
         let total: f32 = cand.iter().map(|c| c.1).sum();
@@ -145,6 +144,37 @@ impl Sampler {
             r -= w;
         }
         cand.last().map_or(0, |c| c.0)
+    }
+}
+
+/// Larger weight first; the lower id first on ties.
+fn best_first(a: &(u32, f32), b: &(u32, f32)) -> std::cmp::Ordering {
+    b.1.total_cmp(&a.1).then(a.0.cmp(&b.0))
+}
+
+/// Orders the front of `cand` best first until it holds at least `mass` of
+/// weight, and returns how many candidates that takes (all of them if they
+/// never do). Sorts a prefix that grows fourfold at a time, so a
+/// distribution whose mass sits in a few hundred tokens costs a selection
+/// over the vocabulary, not a sort of it.
+fn smallest_prefix_reaching(cand: &mut [(u32, f32)], mass: f32) -> usize {
+    let mut k = 64.min(cand.len());
+    loop {
+        if k < cand.len() {
+            cand.select_nth_unstable_by(k - 1, best_first);
+        }
+        cand[..k].sort_unstable_by(best_first);
+        let mut cum = 0.0;
+        if let Some(i) = cand[..k].iter().position(|c| {
+            cum += c.1;
+            cum >= mass
+        }) {
+            return i + 1;
+        }
+        if k == cand.len() {
+            return k;
+        }
+        k = (k * 4).min(cand.len());
     }
 }
 
@@ -279,6 +309,40 @@ mod tests {
         );
         assert_eq!(c[2] + c[3], 0, "{c:?}");
         assert!(c[0] > 0 && c[1] > 0, "{c:?}");
+    }
+
+    #[test]
+    fn top_p_on_a_large_vocabulary_matches_a_full_sort() {
+        // A flat-ish tail forces the prefix to grow past its first 64.
+        let logits: Vec<f32> = (0..5000)
+            .map(|i| ((i * 7919) % 1000) as f32 / 300.0)
+            .collect();
+        for top_p in [0.05, 0.5, 0.95, 0.999] {
+            let mut full: Vec<(u32, f32)> = logits
+                .iter()
+                .enumerate()
+                .map(|(i, &l)| (i as u32, (l - 3.33).exp()))
+                .collect();
+            let total: f32 = full.iter().map(|c| c.1).sum();
+            full.sort_unstable_by(best_first);
+            let mut cum = 0.0;
+            let want = full
+                .iter()
+                .position(|c| {
+                    cum += c.1;
+                    cum >= top_p * total
+                })
+                .map_or(full.len(), |i| i + 1);
+            let mut partial = full.clone();
+            partial.reverse();
+            let got = smallest_prefix_reaching(&mut partial, top_p * total);
+            assert!(got.abs_diff(want) <= 1, "top_p {top_p}: {got} vs {want}");
+            assert_eq!(
+                partial[..got.min(want)],
+                full[..got.min(want)],
+                "top_p {top_p}"
+            );
+        }
     }
 
     #[test]
