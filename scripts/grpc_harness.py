@@ -42,6 +42,22 @@ def grpc_stubs(tmp):
     )
 
 
+def wait_serving(stub, pb, timeout=300):
+    """Waits until the server answers ListModels: the port answers
+    UNAVAILABLE while the models load."""
+    import grpc
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            stub.ListModels(pb.ListModelsRequest(), timeout=5)
+            return
+        except grpc.RpcError:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the server did not start serving within {timeout} s")
+            time.sleep(0.2)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_compare import REPO, ServerProcess, machine  # noqa: E402
-from grpc_harness import Nats, grpc_stubs  # noqa: E402
+from grpc_harness import Nats, grpc_stubs, wait_serving  # noqa: E402
 
 USER_TEXTS = [
     "Read the build log and list the failing tests.",
@@ -77,6 +77,7 @@ def main():
         channel = grpc.insecure_channel(server.addr)
         grpc.channel_ready_future(channel).result(timeout=300)
         stub = rpc.InferenceStub(channel)
+        wait_serving(stub, pb)
         options = pb.GenerationOptions(max_new_tokens=args.output_tokens, ignore_eos=True)
 
         def timed(request):

@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_compare import REPO, ServerProcess, machine  # noqa: E402
-from grpc_harness import Nats, grpc_stubs, log as _log  # noqa: E402
+from grpc_harness import Nats, grpc_stubs, log as _log, wait_serving  # noqa: E402
 
 # Kinds of gRPC request, their weights and the codes each may end with.
 KINDS = {
@@ -216,16 +216,7 @@ def main():
         channel = grpc.insecure_channel(server.addr)
         grpc.channel_ready_future(channel).result(timeout=300)
         stub = rpc.InferenceStub(channel)
-        # The port answers while the model loads (UNAVAILABLE): wait until it serves.
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                stub.ListModels(pb.ListModelsRequest(), timeout=5)
-                break
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    raise SystemExit("the server did not start serving within 300 s")
-                time.sleep(0.2)
+        wait_serving(stub, pb)
         start = time.monotonic()
         samples.append((0.0, rss_kib(pid)))
         log(f"server pid {pid}, RSS at start {samples[0][1] / 1024:.1f} MiB; {args.streams} gRPC + {args.nats_streams} NATS streams for {args.minutes} min")
