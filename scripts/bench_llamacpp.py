@@ -23,6 +23,10 @@ $TORCHWIRE_CACHE/checkpoints/; or a checkpoint directory):
    /completion at the same levels (every thread sends its requests one after
    another; no streaming). EOS is ignored on both sides.
 
+With --baseline-bin-dir DIR, a second torchwire-server from DIR (another
+build, e.g. before a change) joins the rotation as a third side, and the table
+gets its tok/s and the speed-up of --bin-dir's build over it.
+
 tok/s is output tokens / wall time of a level, on both sides. TPOT is the
 time per output token after the first of one request: torchwire's measured
 by its client, llama.cpp's from the server's own `timings`
@@ -206,17 +210,18 @@ def llama_level(server, ids, n, concurrency, rounds):
 
 
 class Torchwire:
-    def __init__(self, args, model_dir, out_dir, stamp, name):
-        self.args, self.out_dir, self.stamp, self.name = args, out_dir, stamp, name
-        self.cli = os.path.join(args.bin_dir, "torchwire")
-        server_bin = os.path.join(args.bin_dir, "torchwire-server")
+    def __init__(self, args, model_dir, out_dir, stamp, name, bin_dir=None, side="torchwire"):
+        self.args, self.out_dir, self.stamp, self.name, self.side = args, out_dir, stamp, name, side
+        bin_dir = bin_dir or args.bin_dir
+        self.cli = os.path.join(bin_dir, "torchwire")
+        server_bin = os.path.join(bin_dir, "torchwire-server")
         for b in (server_bin, self.cli):
             if not os.access(b, os.X_OK):
                 raise SystemExit(f"{b} not found: build it with `cargo build --release --workspace --bins`")
         server_args = ["--model", model_dir, "--threads", str(args.threads),
                        "--max-batch-size", str(args.max_concurrency), *args.server_arg]
-        log("torchwire-server " + " ".join(server_args))
-        self.server = ServerProcess(server_bin, server_args, os.path.join(out_dir, f"llamacpp-{stamp}-{name}-torchwire.log"))
+        log(f"{server_bin} " + " ".join(server_args))
+        self.server = ServerProcess(server_bin, server_args, os.path.join(out_dir, f"llamacpp-{stamp}-{name}-{side}.log"))
         self.url = f"http://{self.server.addr}"
         subprocess.run([self.cli, "--addr", self.url, "health", "--wait", "300"], check=True, stdout=subprocess.DEVNULL)
 
@@ -239,7 +244,7 @@ class Torchwire:
 
     def bench(self, trial, rounds, warmup):
         a = self.args
-        path = os.path.join(self.out_dir, f"llamacpp-{self.stamp}-{self.name}-torchwire-{trial}.json")
+        path = os.path.join(self.out_dir, f"llamacpp-{self.stamp}-{self.name}-{self.side}-{trial}.json")
         cmd = [self.cli, "--addr", self.url, "bench", "--concurrency", ",".join(map(str, a.concurrency)),
                "--rounds", str(rounds), "--warmup", str(warmup), "--prompt-tokens", str(a.prompt_tokens),
                "--output-tokens", str(a.output_tokens), "--temperature", "0", "--json", path, "--no-progress"]
@@ -329,32 +334,44 @@ def bench_model(args, spec, src, llama_bin, stamp):
     name, model_dir = resolve_model(spec)
     gguf = gguf_for(src, name, model_dir, args.gguf_type)
     tw = Torchwire(args, model_dir, args.out, stamp, name)
-    llama = None
+    llama = base = None
     try:
+        if args.baseline_bin_dir:
+            base = Torchwire(args, model_dir, args.out, stamp, name, args.baseline_bin_dir, "baseline")
         llama = LlamaServer(llama_bin, gguf, args, os.path.join(args.out, f"llamacpp-{stamp}-{name}-llama.log"))
         parity = check_parity(tw, llama, args.output_tokens, eos_ids(model_dir))
         ids = prompt_of(tw.tokenize(TEXT), args.prompt_tokens)
         log(f"{name}: warm-up")
-        tw.bench("warmup", rounds=1, warmup=args.max_concurrency)
+        tw.bench("warmup", rounds=1, warmup=2)
+        if base:
+            base.bench("warmup", rounds=1, warmup=2)
         for c in args.concurrency:
             llama_level(llama, ids, min(args.output_tokens, 16), c, 1)
         trials = []
         for trial in range(1, args.trials + 1):
             entry = {}
-            order = ["torchwire", "llamacpp"] if trial % 2 else ["llamacpp", "torchwire"]
-            for side in order:
+            sides = ["torchwire", "llamacpp"] + (["baseline"] if base else [])
+            # The side that goes first rotates from trial to trial.
+            k = (trial - 1) % len(sides)
+            for side in sides[k:] + sides[:k]:
                 if side == "torchwire":
                     entry["torchwire"] = tw.bench(f"trial{trial}", args.rounds, 0)
+                elif side == "baseline":
+                    entry["baseline"] = base.bench(f"trial{trial}", args.rounds, 0)
                 else:
                     entry["llamacpp"] = [llama_level(llama, ids, args.output_tokens, c, args.rounds)
                                          for c in args.concurrency]
             trials.append(entry)
             log(f"{name} trial {trial}/{args.trials}: " + "; ".join(
                 f"c={c}: torchwire {next(l['output_tokens_per_s'] for l in entry['torchwire'] if l['concurrency'] == c):.0f}"
-                f" / llama.cpp {next(l['output_tokens_per_s'] for l in entry['llamacpp'] if l['concurrency'] == c):.0f} tok/s"
+                f" / llama.cpp {next(l['output_tokens_per_s'] for l in entry['llamacpp'] if l['concurrency'] == c):.0f}"
+                + (f" / baseline {next(l['output_tokens_per_s'] for l in entry['baseline'] if l['concurrency'] == c):.0f}"
+                   if base else "") + " tok/s"
                 for c in args.concurrency))
     finally:
         tw.stop()
+        if base:
+            base.stop()
         if llama:
             llama.stop()
     rows = []
@@ -363,6 +380,10 @@ def bench_model(args, spec, src, llama_bin, stamp):
         rows.append({"model": name, "concurrency": c, "torchwire": t, "llamacpp": l,
                      "ratio": t["output_tokens_per_s"] / l["output_tokens_per_s"],
                      "median_ratio": t["median_output_tokens_per_s"] / l["median_output_tokens_per_s"]})
+        if base:
+            b = summarize(trials, "baseline", c)
+            rows[-1].update({"baseline": b, "speedup": t["output_tokens_per_s"] / b["output_tokens_per_s"],
+                             "median_speedup": t["median_output_tokens_per_s"] / b["median_output_tokens_per_s"]})
     return {"model": name, "checkpoint": model_dir, "gguf": gguf, "parity": parity,
             "llama_server": {"cmd": llama.cmd[1:], "props_build": (llama.props or {}).get("build_info")},
             "trials": trials, "rows": rows}
@@ -371,6 +392,9 @@ def bench_model(args, spec, src, llama_bin, stamp):
 def table(results):
     head = ["model", "c", "torchwire tok/s", "llama.cpp tok/s", "ratio", "median ratio",
             "TPOT p50 torchwire / llama.cpp ms", "greedy parity"]
+    with_base = any("baseline" in r for res in results for r in res["rows"])
+    if with_base:
+        head += ["baseline tok/s", "baseline TPOT p50 ms", "speed-up", "median speed-up"]
     lines = [head]
     for res in results:
         p = res["parity"]
@@ -380,6 +404,10 @@ def table(results):
             lines.append([res["model"], str(r["concurrency"]), f"{t['output_tokens_per_s']:,.0f}",
                           f"{l['output_tokens_per_s']:,.0f}", f"{r['ratio']:.2f}x", f"{r['median_ratio']:.2f}x",
                           f"{t['tpot_p50_ms']:.2f} / {l['tpot_p50_ms']:.2f}", par])
+            if with_base:
+                b = r["baseline"]
+                lines[-1] += [f"{b['output_tokens_per_s']:,.0f}", f"{b['tpot_p50_ms']:.2f}",
+                              f"{r['speedup']:.2f}x", f"{r['median_speedup']:.2f}x"]
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     out = []
     for i, row in enumerate(lines):
@@ -404,6 +432,8 @@ def main():
                    help="llama-cpp-python sdist whose vendored llama.cpp is built")
     p.add_argument("--build-jobs", type=int, default=2)
     p.add_argument("--bin-dir", default=os.path.join(REPO, "target", "release"))
+    p.add_argument("--baseline-bin-dir", default=None,
+                   help="another torchwire build (e.g. before a change) to run as a third side, alternating")
     p.add_argument("--server-arg", action="append", default=[], help="extra torchwire-server flag (repeatable)")
     p.add_argument("--llama-arg", action="append", default=[], help="extra llama-server flag (repeatable)")
     p.add_argument("--out", default=os.path.join(REPO, "bench-results"))
