@@ -39,6 +39,10 @@ train-model:
 bench-compare *ARGS: build
     {{env}} && python scripts/bench_compare.py --model {{model}} {{ARGS}}
 
+# torchwire next to llama.cpp's llama-server on the bundled model and a SmolLM-135M-shaped one (see BENCHMARKS.md; flags go to scripts/bench_llamacpp.py).
+bench-llamacpp *ARGS: build
+    {{env}} && python scripts/bench_llamacpp.py {{ARGS}}
+
 # Prefix reuse on a multi-turn agent workload, reuse on against off (see BENCHMARKS.md; flags go to scripts/prefix_reuse_bench.py).
 bench-prefix *ARGS: build
     {{env}} && python scripts/prefix_reuse_bench.py {{ARGS}}

@@ -4,6 +4,7 @@ benchmarks that need a model of a given shape but not a trained one.
     python scripts/make_random_checkpoint.py --preset llama-3.2-1b --out /tmp/llama-1b-random
     python scripts/make_random_checkpoint.py --preset tiny --out /tmp/tiny-random
     python scripts/make_random_checkpoint.py --preset agent-100m --out /tmp/agent-100m-random
+    python scripts/make_random_checkpoint.py --preset smollm-135m --out /tmp/smollm-135m-random
 
 Writes, in the Hugging Face layout that both transformers and torchwire-server
 load: config.json, generation_config.json, model.safetensors (save_pretrained),
@@ -43,6 +44,12 @@ PRESETS = {
     "agent-30m": dict(
         hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408, vocab=16000,
         context=4096, rope_theta=10000.0, dtype="float32",
+    ),
+    # SmolLM-135M's shape (random weights): 134.5 M parameters, tied embeddings.
+    # The model of the llama.cpp comparison (scripts/bench_llamacpp.py).
+    "smollm-135m": dict(
+        hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152,
+        context=2048, rope_theta=10000.0, dtype="float32",
     ),
     # The bundled model's shape, for quick checks on a CPU.
     "tiny": dict(

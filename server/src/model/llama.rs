@@ -9,13 +9,17 @@
 //! every call, about twice as fast at decode batch sizes. Residual adds are
 //! fused into the projection (`addmm`), the attention scale is folded into
 //! the q weights, and decode attention adds its mask inside the batched
-//! matmul (`baddbmm`), so a decode step launches few small ops.
+//! matmul (`baddbmm`), so a decode step launches few small ops. On CPU in
+//! float32 each projection is also split into column blocks, one per
+//! intra-op thread (`projection.rs`), so MKL's few-row products use every
+//! thread.
 
 use std::path::Path;
 
 use tch::{Device, Kind, TchError, Tensor};
 
 use super::hf_config::{GenerationConfig, HfConfig};
+use super::projection::Projection;
 use super::rope::{self, RopeTables};
 use super::weights::Weights;
 use crate::engine::kv_cache::KvCache;
@@ -32,12 +36,12 @@ pub struct LoadOptions {
 /// One decoder layer; projection weights are `[in, out]`.
 struct Layer {
     input_norm: Tensor,
-    qkv: Tensor,
+    qkv: Projection,
     qkv_bias: Option<Tensor>,
-    o: Tensor,
+    o: Projection,
     post_norm: Tensor,
-    gate_up: Tensor,
-    down: Tensor,
+    gate_up: Projection,
+    down: Projection,
 }
 
 /// A loaded decoder, ready to run on its device.
@@ -51,7 +55,7 @@ pub struct Llama {
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: Projection,
     rope: RopeTables,
     heads: i64,
     kv_heads: i64,
@@ -72,11 +76,14 @@ impl Llama {
             .unwrap_or_default();
         let _guard = tch::no_grad_guard();
         let mut w = Weights::load(dir, opts.device, opts.kind)?;
+        // Column blocks per projection: one per intra-op thread on CPU.
+        let parts = Projection::parts_for(opts.device, opts.kind, tch::get_num_threads().into());
+        let proj = |weight: Tensor| Projection::new(weight, parts);
         let mut parameters = 0u64;
-        let mut count = |t: &Tensor| parameters += t.numel() as u64;
+        let mut count = |n: usize| parameters += n as u64;
 
         let embed = w.take("model.embed_tokens.weight")?;
-        count(&embed);
+        count(embed.numel());
         let mut layers = Vec::with_capacity(config.num_hidden_layers);
         for i in 0..config.num_hidden_layers {
             let p = |name: &str| format!("model.layers.{i}.{name}");
@@ -99,25 +106,20 @@ impl Llama {
             let up = w.take(&p("mlp.up_proj.weight"))?;
             let layer = Layer {
                 input_norm: w.take(&p("input_layernorm.weight"))?,
-                qkv: in_out(&Tensor::cat(&[q, k, v], 0)),
+                qkv: proj(in_out(&Tensor::cat(&[q, k, v], 0))),
                 qkv_bias,
-                o: in_out(&w.take(&p("self_attn.o_proj.weight"))?),
+                o: proj(in_out(&w.take(&p("self_attn.o_proj.weight"))?)),
                 post_norm: w.take(&p("post_attention_layernorm.weight"))?,
-                gate_up: in_out(&Tensor::cat(&[gate, up], 0)),
-                down: in_out(&w.take(&p("mlp.down_proj.weight"))?),
+                gate_up: proj(in_out(&Tensor::cat(&[gate, up], 0))),
+                down: proj(in_out(&w.take(&p("mlp.down_proj.weight"))?)),
             };
-            for t in [
-                &layer.input_norm,
-                &layer.qkv,
-                &layer.o,
-                &layer.post_norm,
-                &layer.gate_up,
-                &layer.down,
-            ] {
-                count(t);
+            count(layer.input_norm.numel());
+            count(layer.post_norm.numel());
+            for p in [&layer.qkv, &layer.o, &layer.gate_up, &layer.down] {
+                count(p.numel());
             }
             if let Some(b) = &layer.qkv_bias {
-                count(b);
+                count(b.numel());
             }
             // Llama checkpoints with attention_bias also carry an o_proj bias.
             if let Some(bias) = w.take_optional(&p("self_attn.o_proj.bias")) {
@@ -130,16 +132,16 @@ impl Llama {
             layers.push(layer);
         }
         let norm = w.take("model.norm.weight")?;
-        count(&norm);
+        count(norm.numel());
         let lm_head = match w.take_optional("lm_head.weight") {
             Some(head) if !config.tie_word_embeddings => {
-                count(&head);
-                in_out(&head)
+                count(head.numel());
+                proj(in_out(&head))
             }
             // Tied: on CPU a transposed copy (the fast layout; small models
             // only), elsewhere a view, so the GPU holds the matrix once.
-            _ if opts.device == Device::Cpu => in_out(&embed),
-            _ => embed.tr(),
+            _ if opts.device == Device::Cpu => proj(in_out(&embed)),
+            _ => Projection::new(embed.tr(), 1),
         };
         // Rotary inv-freq buffers are recomputed from the config.
         let leftover: Vec<&str> = w
@@ -401,8 +403,8 @@ impl Llama {
     ) -> Result<(Tensor, Tensor, Tensor), TchError> {
         let x = self.rms_norm(h, &layer.input_norm)?;
         let qkv = match &layer.qkv_bias {
-            Some(bias) => bias.f_addmm(&x, &layer.qkv)?,
-            None => x.f_mm(&layer.qkv)?,
+            Some(bias) => layer.qkv.addmm(bias, &x)?,
+            None => layer.qkv.mm(&x)?,
         };
         let qkv = qkv.f_view([b, t, self.heads + 2 * self.kv_heads, self.head_dim])?;
         // Rotate q and k together: one set of ops for both.
@@ -449,12 +451,12 @@ impl Llama {
     /// Output projection and residual, then the SwiGLU MLP and its residual;
     /// `h`: `[M, hidden]`, `attn`: `[M, heads * head_dim]`.
     fn finish_layer(&self, layer: &Layer, h: Tensor, attn: &Tensor) -> Result<Tensor, TchError> {
-        let h = h.f_addmm(attn, &layer.o)?;
+        let h = layer.o.addmm(&h, attn)?;
         let x = self.rms_norm(&h, &layer.post_norm)?;
-        let gate_up = x.f_mm(&layer.gate_up)?;
+        let gate_up = layer.gate_up.mm(&x)?;
         let halves = gate_up.f_chunk(2, -1)?;
         let act = halves[0].f_silu()?.f_mul(&halves[1])?;
-        h.f_addmm(&act, &layer.down)
+        layer.down.addmm(&h, &act)
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor, TchError> {
@@ -480,7 +482,7 @@ impl Llama {
     /// Float32 logits of hidden states `[M, hidden]`.
     fn logits(&self, h: &Tensor) -> Result<Tensor, TchError> {
         let x = self.rms_norm(h, &self.norm)?;
-        x.f_mm(&self.lm_head)?.f_to_kind(Kind::Float)
+        self.lm_head.mm(&x)?.f_to_kind(Kind::Float)
     }
 }
 

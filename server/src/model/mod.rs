@@ -3,6 +3,7 @@
 
 mod hf_config;
 mod llama;
+mod projection;
 mod rope;
 mod weights;
 
