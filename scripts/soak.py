@@ -12,7 +12,9 @@ finish, a request with a bad field (top_p 1.5, an unknown chat role, a
 hostile session id), a stateless ChatComplete, and a turn of one of eight
 shared sessions (turns of one session race: ABORTED is expected).
 --nats-streams publishers do the same with GenerateRequests over the work
-queue (nats-py), each waiting for its final response. Every outcome is
+queue (nats-py), each waiting up to 60 s for its final response before
+sending the next (later answers are counted as `nats_late`; at the end the
+soak waits for every answer still due). Every outcome is
 counted by gRPC status code; codes other than the expected ones for their
 kind are listed as unexpected. The server's RSS (VmRSS of /proc/PID/status)
 is sampled every --sample-secs: the report gives it at start (models loaded),
@@ -75,7 +77,7 @@ class Tally:
 
     def add(self, kind, code):
         expected = KINDS[kind][1] if kind in KINDS else {"OK"}
-        if kind in QUEUED or kind == "nats":
+        if kind in QUEUED or kind in ("nats", "nats_late"):
             expected = expected | {"RESOURCE_EXHAUSTED"}
         with self.lock:
             self.codes[(kind, code)] += 1
@@ -139,43 +141,68 @@ def grpc_worker(pb, stub, grpc, tally, stop, seed):
         tally.add(kind, code)
 
 
-async def nats_worker(nc, js, pb, tally, stop, seed, codes_by_number):
-    rng = random.Random(seed)
-    inbox = f"replies.soak.{seed}"
-    sub = await nc.subscribe(inbox + ".>")
-    n = 0
-    while not stop.is_set():
-        n += 1
-        reply = f"{inbox}.{n}"
-        req = pb.GenerateRequest(prompt=" ".join(rng.choice(WORDS) for _ in range(8)), max_new_tokens=rng.randint(8, 48))
-        try:
-            await js.publish(
-                "torchwire.generate",
-                req.SerializeToString(),
-                headers={"Torchwire-Reply-To": reply, "Torchwire-Request-Id": f"soak-{seed}-{n}"},
-            )
-            code = None
-            deadline = time.monotonic() + 300
-            while code is None:
-                m = await sub.next_msg(timeout=max(1, deadline - time.monotonic()))
-                if m.subject != reply:
-                    continue
-                if (m.headers or {}).get("Torchwire-Final") == "true":
-                    resp = pb.GenerateResponse.FromString(m.data)
-                    code = codes_by_number.get(resp.error.code, "OK") if resp.HasField("error") else "OK"
-        except Exception as e:  # noqa: BLE001 - a lost answer is an outcome
-            code = f"NO_ANSWER ({type(e).__name__})"
-        tally.add("nats", code)
-    await sub.unsubscribe()
-
-
 def run_nats(url, pb, tally, stop, count, codes_by_number):
+    """`count` publishers of GenerateRequests, each waiting up to 60 s for
+    the final answer before it sends the next; an answer that comes later
+    (the replica takes queue work only into free batch slots, so a gRPC
+    flood holds it back) is counted as `nats_late`. After `stop`, waits up to
+    240 s for every answer still due; what never comes is NO_ANSWER."""
     import nats
 
     async def main():
         nc = await nats.connect(url)
         js = nc.jetstream()
-        await asyncio.gather(*(nats_worker(nc, js, pb, tally, stop, 1000 + i, codes_by_number) for i in range(count)))
+        due = {}  # reply subject -> future of its final code
+        overdue = set()
+
+        async def on_reply(m):
+            if (m.headers or {}).get("Torchwire-Final") != "true":
+                return
+            resp = pb.GenerateResponse.FromString(m.data)
+            code = codes_by_number.get(resp.error.code, "OK") if resp.HasField("error") else "OK"
+            fut = due.pop(m.subject, None)
+            if fut is not None and not fut.done():
+                fut.set_result(code)
+            elif m.subject in overdue:
+                overdue.discard(m.subject)
+                tally.add("nats_late", code)
+
+        await nc.subscribe("replies.soak.>", cb=on_reply)
+        await nc.flush()
+
+        async def publisher(seed):
+            rng = random.Random(seed)
+            n = 0
+            while not stop.is_set():
+                n += 1
+                reply = f"replies.soak.{seed}.{n}"
+                req = pb.GenerateRequest(
+                    prompt=" ".join(rng.choice(WORDS) for _ in range(8)), max_new_tokens=rng.randint(8, 48)
+                )
+                fut = asyncio.get_running_loop().create_future()
+                due[reply] = fut
+                try:
+                    await js.publish(
+                        "torchwire.generate",
+                        req.SerializeToString(),
+                        headers={"Torchwire-Reply-To": reply, "Torchwire-Request-Id": f"soak-{seed}-{n}"},
+                    )
+                except Exception as e:  # noqa: BLE001 - a refused publish is an outcome
+                    due.pop(reply, None)
+                    tally.add("nats", f"PUBLISH_FAILED ({type(e).__name__})")
+                    continue
+                try:
+                    tally.add("nats", await asyncio.wait_for(asyncio.shield(fut), 60))
+                except asyncio.TimeoutError:
+                    if due.pop(reply, None) is not None:
+                        overdue.add(reply)
+
+        await asyncio.gather(*(publisher(1000 + i) for i in range(count)))
+        deadline = time.monotonic() + 240
+        while overdue and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        for _ in overdue:
+            tally.add("nats", "NO_ANSWER")
         await nc.drain()
 
     asyncio.run(main())
