@@ -67,11 +67,6 @@ impl Generator {
         &self.sessions
     }
 
-    /// A handle on [`sessions`](Self::sessions) that outlives this call.
-    pub(crate) fn sessions_handle(&self) -> Arc<Sessions> {
-        self.sessions.clone()
-    }
-
     /// Applies the prompt size and queue wait limits from now on.
     pub fn with_limits(mut self, limits: &LimitsConfig) -> Self {
         self.limits = Arc::new(limits.clone());

@@ -12,7 +12,8 @@ use torchwire_proto::v1 as pb;
 use super::{metrics, SessionConfig};
 use crate::error::ServerError;
 
-/// A connected bucket.
+/// A connected bucket (a cheap handle: clones share the connection).
+#[derive(Clone)]
 pub struct SessionStore {
     kv: kv::Store,
 }

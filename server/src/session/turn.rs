@@ -6,7 +6,6 @@
 //! fails, is cancelled or loses a race stores nothing.
 
 use std::pin::Pin;
-use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use torchwire_proto::v1 as pb;
@@ -39,7 +38,7 @@ pub struct ChatResponses {
 
 /// What is stored when the turn's answer is complete.
 struct Pending {
-    sessions: Arc<Sessions>,
+    store: SessionStore,
     session: pb::Session,
     revision: u64,
 }
@@ -133,7 +132,7 @@ impl Generator {
         };
         let accepted = self.submit(engine, checked, prompt, request_id, span, metrics)?;
         let pending = Pending {
-            sessions: self.sessions_handle(),
+            store: store.clone(),
             session: pb::Session {
                 session_id: req.session_id.clone(),
                 model: engine.info.name.clone(),
@@ -309,9 +308,6 @@ impl Pending {
     }
 
     async fn store(mut self, answer: String) -> Result<(), ServerError> {
-        let Sessions::On(store) = &*self.sessions else {
-            return Err(ServerError::SessionsOff("sessions were turned off".into()));
-        };
         self.session.messages.push(pb::ChatMessage {
             role: "assistant".into(),
             content: answer,
@@ -320,7 +316,7 @@ impl Pending {
         self.session.updated_unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64);
-        store
+        self.store
             .save(&self.session.session_id, &self.session, self.revision)
             .await
             .map(|_| ())
