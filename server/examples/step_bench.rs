@@ -7,8 +7,8 @@
 //! ```
 //!
 //! Arguments: checkpoint directory, then optionally the torch threads (2),
-//! prompt tokens (32), decode steps per batch size (256) and the batch sizes
-//! (1,16,64).
+//! prompt tokens (32), decode steps per batch size (256), the batch sizes
+//! (1,16,64) and the weight quantization (none; or int8).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -27,6 +27,9 @@ fn main() {
         .split(',')
         .map(|b| b.parse().unwrap())
         .collect();
+    let quantization =
+        torchwire_server::model::Quantization::parse(args.get(6).map_or("none", String::as_str))
+            .expect("quantization");
     tch::set_num_threads(threads as i32);
     let context = prompt + steps + 1;
     let model = Llama::load(
@@ -35,6 +38,7 @@ fn main() {
             device: tch::Device::Cpu,
             kind: tch::Kind::Float,
             max_positions: context,
+            quantization,
         },
     )
     .expect("load");
@@ -51,8 +55,9 @@ fn main() {
     .expect("cache");
     let ids: Vec<u32> = (0..prompt as u32).map(|i| 10 + i * 7 % 1000).collect();
     println!(
-        "{} threads, {prompt} prompt tokens, {steps} decode steps",
-        threads
+        "{} threads, {prompt} prompt tokens, {steps} decode steps, quantization {}",
+        threads,
+        quantization.name()
     );
 
     // Prefill: one prompt at a time into 16 slots, then the same 16 at once.

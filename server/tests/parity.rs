@@ -90,6 +90,7 @@ async fn logits_and_greedy_tokens_match_transformers() {
             device: Device::Cpu,
             kind: Kind::Float,
             max_positions: 256,
+            quantization: torchwire_server::model::Quantization::None,
         },
     )
     .unwrap();

@@ -80,6 +80,8 @@ impl Inference for InferenceService {
                     parameters: i.parameters,
                     max_batch_size: i.max_batch_size as u32,
                     is_default: i.name == models.default_name(),
+                    quantization: i.quantization.clone(),
+                    weight_bytes: i.weight_bytes,
                 }
             })
             .collect();

@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::ModelConfig;
 use crate::error::ServerError;
-use crate::model::{self, DeviceChoice, Llama, LoadOptions};
+use crate::model::{self, DeviceChoice, Llama, LoadOptions, Quantization};
 use kv_cache::KvCache;
 use liveness::{ExitGuard, Progress};
 use request::Job;
@@ -40,7 +40,11 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     pub device: String,
     pub dtype: String,
+    /// "none" or "int8".
+    pub quantization: String,
     pub parameters: u64,
+    /// Bytes the weights take on the device.
+    pub weight_bytes: u64,
     pub max_batch_size: usize,
     pub queue_size: usize,
     pub default_max_new_tokens: usize,
@@ -234,6 +238,7 @@ fn load(name: &str, config: &ModelConfig) -> Result<Loaded, ServerError> {
         None if device.is_cuda() => tch::Kind::BFloat16,
         None => tch::Kind::Float,
     };
+    let quantization = Quantization::parse(&config.quantize).map_err(&err)?;
     let hf = model::HfConfig::read(&config.path).map_err(&err)?;
     let context = match config.max_context {
         Some(c) => (c as usize).min(hf.max_position_embeddings),
@@ -246,6 +251,7 @@ fn load(name: &str, config: &ModelConfig) -> Result<Loaded, ServerError> {
             device,
             kind,
             max_positions: context,
+            quantization,
         },
     )
     .map_err(&err)?;
@@ -298,7 +304,9 @@ fn load(name: &str, config: &ModelConfig) -> Result<Loaded, ServerError> {
         vocab_size: hf.vocab_size,
         device: model::device_name(device),
         dtype: model::dtype_name(kind).to_string(),
+        quantization: quantization.name().to_string(),
         parameters: model.parameters,
+        weight_bytes: model.weight_bytes,
         max_batch_size: max_batch,
         queue_size: config.queue_size as usize,
         default_max_new_tokens: config.default_max_new_tokens as usize,
@@ -311,6 +319,8 @@ fn load(name: &str, config: &ModelConfig) -> Result<Loaded, ServerError> {
         model = name,
         device = %info.device,
         dtype = %info.dtype,
+        quantization = %info.quantization,
+        weight_mib = info.weight_bytes as f64 / 1048576.0,
         parameters = info.parameters,
         context = context,
         max_batch = max_batch,

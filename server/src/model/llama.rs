@@ -20,6 +20,7 @@ use tch::{Device, Kind, TchError, Tensor};
 
 use super::hf_config::{GenerationConfig, HfConfig};
 use super::projection::Projection;
+use super::quantization::Quantization;
 use super::rope::{self, RopeTables};
 use super::weights::Weights;
 use crate::engine::kv_cache::KvCache;
@@ -31,6 +32,8 @@ pub struct LoadOptions {
     pub kind: Kind,
     /// Positions the rotary tables cover (the serving context length).
     pub max_positions: usize,
+    /// How projection weights are stored.
+    pub quantization: Quantization,
 }
 
 /// One decoder layer; projection weights are `[in, out]`.
@@ -52,6 +55,9 @@ pub struct Llama {
     pub device: Device,
     pub kind: Kind,
     pub parameters: u64,
+    /// Bytes the weights take on the device (a tied head that is a view of
+    /// the embedding counted once).
+    pub weight_bytes: u64,
     embed: Tensor,
     layers: Vec<Layer>,
     norm: Tensor,
@@ -77,8 +83,16 @@ impl Llama {
         let _guard = tch::no_grad_guard();
         let mut w = Weights::load(dir, opts.device, opts.kind)?;
         // Column blocks per projection: one per intra-op thread on CPU.
-        let parts = Projection::parts_for(opts.device, opts.kind, tch::get_num_threads().into());
-        let proj = |weight: Tensor| Projection::new(weight, parts);
+        let threads = tch::get_num_threads().max(1) as usize;
+        let parts = Projection::parts_for(opts.device, opts.kind, threads as i64);
+        // A checkpoint's `[out, in]` projection weight, as served.
+        let proj = |weight: Tensor| -> Result<Projection, String> {
+            match opts.quantization {
+                Quantization::None => Ok(Projection::new(in_out(&weight), parts)),
+                Quantization::Int8 => Projection::int8(&weight, opts.kind, threads)
+                    .map_err(|e| format!("quantizing to int8: {e}")),
+            }
+        };
         let mut parameters = 0u64;
         let mut count = |n: usize| parameters += n as u64;
 
@@ -106,12 +120,12 @@ impl Llama {
             let up = w.take(&p("mlp.up_proj.weight"))?;
             let layer = Layer {
                 input_norm: w.take(&p("input_layernorm.weight"))?,
-                qkv: proj(in_out(&Tensor::cat(&[q, k, v], 0))),
+                qkv: proj(Tensor::cat(&[q, k, v], 0))?,
                 qkv_bias,
-                o: proj(in_out(&w.take(&p("self_attn.o_proj.weight"))?)),
+                o: proj(w.take(&p("self_attn.o_proj.weight"))?)?,
                 post_norm: w.take(&p("post_attention_layernorm.weight"))?,
-                gate_up: proj(in_out(&Tensor::cat(&[gate, up], 0))),
-                down: proj(in_out(&w.take(&p("mlp.down_proj.weight"))?)),
+                gate_up: proj(Tensor::cat(&[gate, up], 0))?,
+                down: proj(w.take(&p("mlp.down_proj.weight"))?)?,
             };
             count(layer.input_norm.numel());
             count(layer.post_norm.numel());
@@ -133,16 +147,31 @@ impl Llama {
         }
         let norm = w.take("model.norm.weight")?;
         count(norm.numel());
-        let lm_head = match w.take_optional("lm_head.weight") {
+        let (lm_head, head_is_embedding) = match w.take_optional("lm_head.weight") {
             Some(head) if !config.tie_word_embeddings => {
                 count(head.numel());
-                proj(in_out(&head))
+                (proj(head)?, false)
             }
-            // Tied: on CPU a transposed copy (the fast layout; small models
-            // only), elsewhere a view, so the GPU holds the matrix once.
-            _ if opts.device == Device::Cpu => proj(in_out(&embed)),
-            _ => Projection::new(embed.tr(), 1),
+            // Tied: quantized, or on CPU a transposed copy (the fast layout;
+            // small models only), elsewhere a view, so the GPU holds the
+            // matrix once.
+            _ if opts.device == Device::Cpu || opts.quantization != Quantization::None => {
+                (proj(embed.shallow_clone())?, false)
+            }
+            _ => (Projection::new(embed.tr(), 1), true),
         };
+        let mut weight_bytes = tensor_bytes(&embed) + tensor_bytes(&norm);
+        if !head_is_embedding {
+            weight_bytes += lm_head.bytes();
+        }
+        for l in &layers {
+            weight_bytes += tensor_bytes(&l.input_norm) + tensor_bytes(&l.post_norm);
+            weight_bytes += l.qkv_bias.as_ref().map_or(0, tensor_bytes);
+            weight_bytes += [&l.qkv, &l.o, &l.gate_up, &l.down]
+                .iter()
+                .map(|p| p.bytes())
+                .sum::<u64>();
+        }
         // Rotary inv-freq buffers are recomputed from the config.
         let leftover: Vec<&str> = w
             .remaining()
@@ -161,6 +190,7 @@ impl Llama {
             device: opts.device,
             kind: opts.kind,
             parameters,
+            weight_bytes,
             embed,
             layers,
             norm,
@@ -501,6 +531,10 @@ enum StepPositions {
 /// A checkpoint's `[out, in]` projection as a contiguous `[in, out]` matrix.
 fn in_out(weight: &Tensor) -> Tensor {
     weight.tr().contiguous()
+}
+
+fn tensor_bytes(t: &Tensor) -> u64 {
+    (t.numel() * t.kind().elt_size_in_bytes()) as u64
 }
 
 fn ids_tensor(tokens: &[u32], device: Device) -> Result<Tensor, TchError> {

@@ -2,13 +2,17 @@
 //! checkpoint loader, and device / dtype selection.
 
 mod hf_config;
+mod int8;
 mod llama;
 mod projection;
+mod quantization;
 mod rope;
 mod weights;
 
 pub use hf_config::{GenerationConfig, HfConfig};
+pub use int8::cpu_path as int8_cpu_path;
 pub use llama::{Llama, LoadOptions};
+pub use quantization::Quantization;
 
 use tch::{Device, Kind};
 

@@ -6,15 +6,27 @@
 //! (on AMD CPUs through its generic `sgemv` path): at decode batch 1 the second
 //! thread only spins. The batched form is spread over the threads (1.5-1.9x per
 //! projection on 2 cores; see BENCHMARKS.md, "Against llama.cpp on CPU").
+//!
+//! A projection may instead hold its weight in int8 (`--quantize int8`,
+//! `int8.rs`).
 
 use tch::{Device, Kind, TchError, Tensor};
 
+use super::int8::Int8Weight;
+
 /// A projection `x @ W` with `W` given as `[in, out]`.
 pub struct Projection {
-    /// `[in, out]` when `parts == 1`, else `[parts, in, out / parts]`.
-    weight: Tensor,
-    parts: i64,
+    repr: Repr,
     out: i64,
+}
+
+enum Repr {
+    /// `weight` is `[in, out]` when `parts == 1`, else `[parts, in, out / parts]`.
+    Dense {
+        weight: Tensor,
+        parts: i64,
+    },
+    Int8(Int8Weight),
 }
 
 impl Projection {
@@ -24,8 +36,7 @@ impl Projection {
         let (rows, out) = (weight.size()[0], weight.size()[1]);
         if parts <= 1 || out % parts != 0 {
             return Self {
-                weight,
-                parts: 1,
+                repr: Repr::Dense { weight, parts: 1 },
                 out,
             };
         }
@@ -34,10 +45,21 @@ impl Projection {
             .permute([1, 0, 2])
             .contiguous();
         Self {
-            weight: blocks,
-            parts,
+            repr: Repr::Dense {
+                weight: blocks,
+                parts,
+            },
             out,
         }
+    }
+
+    /// `weight` as a checkpoint stores it, `[out, in]`, quantized to int8 for
+    /// activations of `kind` (see `int8.rs`).
+    pub fn int8(weight: &Tensor, kind: Kind, threads: usize) -> Result<Self, TchError> {
+        Ok(Self {
+            out: weight.size()[0],
+            repr: Repr::Int8(Int8Weight::quantize(weight, kind, threads)?),
+        })
     }
 
     /// The column blocks to use for `threads` intra-op threads of `kind` on
@@ -52,28 +74,45 @@ impl Projection {
 
     /// The weight's element count.
     pub fn numel(&self) -> usize {
-        self.weight.numel()
+        match &self.repr {
+            Repr::Dense { weight, .. } => weight.numel(),
+            Repr::Int8(w) => w.numel(),
+        }
+    }
+
+    /// Bytes the weight takes.
+    pub fn bytes(&self) -> u64 {
+        match &self.repr {
+            Repr::Dense { weight, .. } => {
+                (weight.numel() * weight.kind().elt_size_in_bytes()) as u64
+            }
+            Repr::Int8(w) => w.bytes(),
+        }
     }
 
     /// `x @ W` for `x`: `[M, in]`; returns `[M, out]`.
     pub fn mm(&self, x: &Tensor) -> Result<Tensor, TchError> {
-        if self.parts == 1 {
-            return x.f_mm(&self.weight);
+        match &self.repr {
+            Repr::Dense { weight, parts: 1 } => x.f_mm(weight),
+            Repr::Dense { weight, parts } => {
+                let (m, k) = (x.size()[0], x.size()[1]);
+                x.f_unsqueeze(0)?
+                    .f_expand([*parts, m, k], false)?
+                    .f_bmm(weight)?
+                    .f_permute([1, 0, 2])?
+                    .f_reshape([m, self.out])
+            }
+            Repr::Int8(w) => w.mm(x),
         }
-        let (m, k) = (x.size()[0], x.size()[1]);
-        x.f_unsqueeze(0)?
-            .f_expand([self.parts, m, k], false)?
-            .f_bmm(&self.weight)?
-            .f_permute([1, 0, 2])?
-            .f_reshape([m, self.out])
     }
 
     /// `base + x @ W` (a residual or a bias `base`).
     pub fn addmm(&self, base: &Tensor, x: &Tensor) -> Result<Tensor, TchError> {
-        if self.parts == 1 {
-            return base.f_addmm(x, &self.weight);
+        match &self.repr {
+            Repr::Dense { weight, parts: 1 } => base.f_addmm(x, weight),
+            Repr::Dense { .. } => self.mm(x)?.f_add_(base),
+            Repr::Int8(w) => w.addmm(base, x),
         }
-        self.mm(x)?.f_add_(base)
     }
 }
 
@@ -88,7 +127,7 @@ mod tests {
         let whole = Projection::new(w.copy(), 1);
         for parts in [2, 3, 4] {
             let split = Projection::new(w.copy(), parts);
-            assert_eq!(split.parts, parts);
+            assert!(matches!(split.repr, Repr::Dense { parts: p, .. } if p == parts));
             for m in [1, 5] {
                 let x = Tensor::randn([m, 24], (Kind::Float, Device::Cpu));
                 let base = Tensor::randn([m, 12], (Kind::Float, Device::Cpu));
@@ -102,6 +141,14 @@ mod tests {
             }
         }
         // Parts that do not divide the output width: kept whole.
-        assert_eq!(Projection::new(w.copy(), 5).parts, 1);
+        assert!(matches!(
+            Projection::new(w.copy(), 5).repr,
+            Repr::Dense { parts: 1, .. }
+        ));
+        // int8 of the same weight (given as [out, in]): close, not equal.
+        let q = Projection::int8(&w.tr(), Kind::Float, 2).unwrap();
+        let x = Tensor::randn([3, 24], (Kind::Float, Device::Cpu));
+        let (a, b) = (whole.mm(&x).unwrap(), q.mm(&x).unwrap());
+        assert!((&a - &b).norm().double_value(&[]) < 0.02 * a.norm().double_value(&[]));
     }
 }

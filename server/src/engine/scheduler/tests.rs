@@ -14,6 +14,7 @@ fn scheduler(max_batch: usize, max_prefill_tokens: usize) -> (Scheduler, mpsc::S
             device: tch::Device::Cpu,
             kind: Kind::Float,
             max_positions: CONTEXT,
+            quantization: crate::model::Quantization::None,
         },
     )
     .unwrap();

@@ -1,0 +1,251 @@
+//! Weight-only int8 projections: each output channel of a `[out, in]`
+//! weight stored as int8 with one float scale (`w ≈ scale[n] * q[n, :]`,
+//! `q` in -127..=127), quantized once at load from the checkpoint.
+//!
+//! On the CPU the product runs in `kernel` (int8 widened in registers) on
+//! libtorch's OpenMP threads (`parallel`); on other devices it is
+//! libtorch's `_weight_int8pack_mm` where the device has it, else the
+//! weight is widened to the activations' dtype for each product (memory
+//! saved, speed not).
+
+mod kernel;
+mod parallel;
+
+use tch::{Device, Kind, TchError, Tensor};
+
+use kernel::{Out, Problem};
+
+/// Output channels a thread takes at a time on the CPU (a multiple of the
+/// kernel's tile of 4 weight rows).
+const MIN_CHUNK: usize = 16;
+
+/// Products smaller than this many multiply-adds run on the calling thread.
+const PARALLEL_WORK: usize = 1 << 16;
+
+/// A `[out, in]` projection in int8.
+pub struct Int8Weight {
+    /// `[out, in]` int8, contiguous.
+    weight: Tensor,
+    /// `[out]`: float32 on the CPU, the activations' dtype elsewhere.
+    scales: Tensor,
+    out: i64,
+    inner: i64,
+    backend: Backend,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    /// `kernel` on `threads` threads.
+    Cpu { threads: usize },
+    /// libtorch's `_weight_int8pack_mm`.
+    Packed,
+    /// The weight widened to the activations' dtype, then a plain matmul.
+    Widened,
+}
+
+impl Int8Weight {
+    /// Quantizes `weight` (`[out, in]`, any float dtype, on its device) for
+    /// products whose activations are `kind`, using `threads` threads on CPU.
+    pub fn quantize(weight: &Tensor, kind: Kind, threads: usize) -> Result<Self, TchError> {
+        let _guard = tch::no_grad_guard();
+        let (out, inner) = (weight.size()[0], weight.size()[1]);
+        let w = weight.f_to_kind(Kind::Float)?;
+        let absmax = w.f_abs()?.f_amax([1], true)?;
+        // An all-zero row keeps scale 1 (its int8 values are all 0).
+        let scales = absmax
+            .f_div_scalar(127.0)?
+            .f_where_scalarother(&absmax.f_gt(0.0)?, 1.0)?;
+        let q = w
+            .f_div(&scales)?
+            .f_round()?
+            .f_clamp(-127.0, 127.0)?
+            .f_to_kind(Kind::Int8)?
+            .f_contiguous()?;
+        let scales = scales.f_view([out])?;
+        let device = weight.device();
+        let mut this = Self {
+            weight: q,
+            scales: scales.f_to_kind(Kind::Float)?.f_contiguous()?,
+            out,
+            inner,
+            backend: Backend::Cpu {
+                threads: threads.max(1),
+            },
+        };
+        if device != Device::Cpu {
+            this.scales = this.scales.f_to_kind(kind)?;
+            this.backend = Backend::Packed;
+            // Where the device has no such kernel, the probe fails at load.
+            let probe = Tensor::f_zeros([1, inner], (kind, device))?;
+            if this.mm(&probe).is_err() {
+                tracing::info!(device = ?device, "_weight_int8pack_mm unavailable: int8 weights are widened per product");
+                this.backend = Backend::Widened;
+            }
+        }
+        Ok(this)
+    }
+
+    /// Elements of the weight.
+    pub fn numel(&self) -> usize {
+        self.weight.numel()
+    }
+
+    /// Bytes of the int8 weight and its scales.
+    pub fn bytes(&self) -> u64 {
+        (self.weight.numel() + self.scales.numel() * self.scales.kind().elt_size_in_bytes()) as u64
+    }
+
+    /// `x @ W.T` for `x`: `[M, in]`; returns `[M, out]` in `x`'s dtype.
+    pub fn mm(&self, x: &Tensor) -> Result<Tensor, TchError> {
+        let size = x.size();
+        if size.len() != 2 || size[1] != self.inner {
+            return Err(TchError::Shape(format!(
+                "int8 projection of [{}, {}] given input {size:?}",
+                self.out, self.inner
+            )));
+        }
+        match self.backend {
+            Backend::Cpu { threads } => self.mm_cpu(x, threads),
+            Backend::Packed => x.f_internal_weight_int8pack_mm(&self.weight, &self.scales),
+            Backend::Widened => x
+                .f_mm(&self.weight.f_to_kind(x.kind())?.f_tr()?)?
+                .f_mul(&self.scales),
+        }
+    }
+
+    /// `base + x @ W.T` (a residual or a bias `base`).
+    pub fn addmm(&self, base: &Tensor, x: &Tensor) -> Result<Tensor, TchError> {
+        self.mm(x)?.f_add_(base)
+    }
+
+    fn mm_cpu(&self, x: &Tensor, threads: usize) -> Result<Tensor, TchError> {
+        let kind = x.kind();
+        let x = x.f_to_kind(Kind::Float)?.f_contiguous()?;
+        let (m, k, n) = (x.size()[0] as usize, self.inner as usize, self.out as usize);
+        let out = Tensor::f_empty([m as i64, n as i64], (Kind::Float, Device::Cpu))?;
+        if m > 0 && n > 0 {
+            // SAFETY: all three tensors are contiguous CPU tensors of the
+            // dtypes and element counts given, alive for this call.
+            let p = unsafe {
+                Problem {
+                    x: std::slice::from_raw_parts(x.data_ptr() as *const f32, m * k),
+                    w: std::slice::from_raw_parts(self.weight.data_ptr() as *const i8, n * k),
+                    scales: std::slice::from_raw_parts(self.scales.data_ptr() as *const f32, n),
+                    m,
+                    k,
+                    n,
+                }
+            };
+            let dst = Out(out.data_ptr() as *mut f32);
+            let threads = if m * n * k < PARALLEL_WORK {
+                1
+            } else {
+                threads
+            };
+            let chunk = n.div_ceil(threads * 4).next_multiple_of(4).max(MIN_CHUNK);
+            parallel::for_each_chunk(n, chunk, threads, &|cols| {
+                // SAFETY: a consistent problem, `out` holds m * n floats, and
+                // for_each_chunk hands out disjoint column ranges.
+                unsafe { kernel::columns(&p, cols, dst) }
+            });
+        }
+        if kind == Kind::Float {
+            Ok(out)
+        } else {
+            out.f_to_kind(kind)
+        }
+    }
+}
+
+/// What the CPU path runs on, for the start-up log.
+pub fn cpu_path() -> &'static str {
+    match (kernel::vectorized(), parallel::on_openmp()) {
+        (true, true) => "AVX2 kernel on libtorch's OpenMP threads",
+        (true, false) => "AVX2 kernel on scoped threads",
+        (false, true) => "portable kernel on libtorch's OpenMP threads",
+        (false, false) => "portable kernel on scoped threads",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rel_err(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).norm().double_value(&[]) / b.norm().double_value(&[])
+    }
+
+    #[test]
+    fn int8_products_stay_close_to_float() {
+        let _guard = tch::no_grad_guard();
+        tch::manual_seed(1);
+        let w = Tensor::randn([96, 72], (Kind::Float, Device::Cpu));
+        // One row of zeros: its scale must not divide by zero.
+        let _ = w.get(5).fill_(0.0);
+        for threads in [1, 2] {
+            let q = Int8Weight::quantize(&w, Kind::Float, threads).unwrap();
+            assert_eq!(q.numel(), 96 * 72);
+            for m in [1, 3, 16] {
+                let x = Tensor::randn([m, 72], (Kind::Float, Device::Cpu));
+                let want = x.mm(&w.tr());
+                let got = q.mm(&x).unwrap();
+                assert_eq!(got.size(), vec![m, 96]);
+                // Per-channel int8: about 0.5-1 % relative error on Gaussian weights.
+                assert!(
+                    rel_err(&got, &want) < 0.02,
+                    "m={m}: {}",
+                    rel_err(&got, &want)
+                );
+                let base = Tensor::randn([m, 96], (Kind::Float, Device::Cpu));
+                let sum = q.addmm(&base, &x).unwrap();
+                assert!(rel_err(&sum, &(&want + &base)) < 0.02);
+            }
+        }
+    }
+
+    #[test]
+    fn big_products_run_in_parallel_and_agree_with_one_thread() {
+        let _guard = tch::no_grad_guard();
+        let w = Tensor::randn([1000, 256], (Kind::Float, Device::Cpu));
+        let x = Tensor::randn([2, 256], (Kind::Float, Device::Cpu));
+        let one = Int8Weight::quantize(&w, Kind::Float, 1)
+            .unwrap()
+            .mm(&x)
+            .unwrap();
+        let two = Int8Weight::quantize(&w, Kind::Float, 2)
+            .unwrap()
+            .mm(&x)
+            .unwrap();
+        assert!(one.equal(&two), "threads changed the result");
+    }
+
+    #[test]
+    fn the_tensor_backends_agree_with_the_cpu_kernel() {
+        let _guard = tch::no_grad_guard();
+        let w = Tensor::randn([64, 32], (Kind::Float, Device::Cpu));
+        let x = Tensor::randn([4, 32], (Kind::Float, Device::Cpu));
+        let cpu = Int8Weight::quantize(&w, Kind::Float, 1).unwrap();
+        let want = cpu.mm(&x).unwrap();
+        for backend in [Backend::Packed, Backend::Widened] {
+            let mut other = Int8Weight::quantize(&w, Kind::Float, 1).unwrap();
+            other.backend = backend;
+            let got = other.mm(&x).unwrap();
+            assert!(rel_err(&got, &want) < 1e-5, "{backend:?}");
+        }
+    }
+
+    #[test]
+    fn wrong_input_width_is_an_error_not_a_crash() {
+        let w = Tensor::randn([8, 16], (Kind::Float, Device::Cpu));
+        let q = Int8Weight::quantize(&w, Kind::Float, 2).unwrap();
+        let x = Tensor::randn([1, 15], (Kind::Float, Device::Cpu));
+        assert!(q.mm(&x).is_err());
+    }
+
+    #[test]
+    fn libtorch_brings_its_openmp_runtime() {
+        // The kernel would fall back to threads of its own, fighting
+        // libtorch's spinning workers for the cores.
+        assert!(parallel::on_openmp());
+    }
+}
