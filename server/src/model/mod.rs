@@ -12,6 +12,7 @@ mod weights;
 pub use hf_config::{GenerationConfig, HfConfig};
 pub use int8::cpu_path as int8_cpu_path;
 pub use llama::{Llama, LoadOptions};
+pub use projection::Projection;
 pub use quantization::Quantization;
 
 use tch::{Device, Kind};

@@ -155,6 +155,16 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)))
     }
 
+    /// Asks for the weights the next tile reads (row `r + NR`, at `i`), so
+    /// that the rows stream from memory ahead of use: the hardware
+    /// prefetcher alone left a large weight read at a quarter of the
+    /// bandwidth float32 products reach.
+    #[inline(always)]
+    unsafe fn prefetch_next_tile(row: *const i8, i: usize, k: usize) {
+        // A prefetch never faults, even past the end of the weight.
+        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(NR * k + i) as *const i8);
+    }
+
     /// The scalar rest of a dot product from `from` to `k`.
     #[inline]
     unsafe fn tail(x: *const f32, w: *const i8, from: usize, k: usize) -> f32 {
@@ -179,6 +189,7 @@ mod avx2 {
             let x0 = _mm256_loadu_ps(x.add(i));
             let x1 = _mm256_loadu_ps(x.add(i + 8));
             for r in 0..NR {
+                prefetch_next_tile(w[r], i, k);
                 a[r] = _mm256_fmadd_ps(x0, widen(w[r].add(i)), a[r]);
                 b[r] = _mm256_fmadd_ps(x1, widen(w[r].add(i + 8)), b[r]);
             }
@@ -211,6 +222,7 @@ mod avx2 {
             let xa = _mm256_loadu_ps(x0.add(i));
             let xb = _mm256_loadu_ps(x1.add(i));
             for r in 0..NR {
+                prefetch_next_tile(w[r], i, k);
                 let wv = widen(w[r].add(i));
                 a[r] = _mm256_fmadd_ps(xa, wv, a[r]);
                 b[r] = _mm256_fmadd_ps(xb, wv, b[r]);
