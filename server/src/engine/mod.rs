@@ -1,6 +1,7 @@
 //! The engine: one OS thread per model that owns its tensors and KV cache
 //! and runs continuous batching; requests reach it through a bounded queue.
 
+pub mod device_sampler;
 #[cfg(debug_assertions)]
 pub(crate) mod fault;
 pub mod kv_cache;
