@@ -10,6 +10,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 use torchwire_config::EnvLayout;
 
+use crate::engine::device_sampler::SamplerChoice;
 use crate::error::ServerError;
 pub use torchwire_telemetry::LogFormat;
 
@@ -116,6 +117,10 @@ pub struct Cli {
     /// Weight dtype: float32, bfloat16 or float16 (config: models.<name>.dtype).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// Where tokens are sampled: auto (on the device for CUDA, on the host
+    /// for CPU), host or device (config: models.<name>.sampler).
+    #[arg(long)]
+    pub sampler: Option<String>,
     /// Sequences decoded together at most (config: models.<name>.max_batch_size).
     #[arg(long)]
     pub max_batch_size: Option<u32>,
@@ -252,6 +257,9 @@ pub struct ModelConfig {
     pub device: String,
     /// `float32`, `bfloat16` or `float16`; unset = bfloat16 on CUDA, float32 on CPU.
     pub dtype: Option<String>,
+    /// Where tokens are sampled: `auto` (on the device for a CUDA model, on
+    /// the host for a CPU one), `host` or `device`.
+    pub sampler: SamplerChoice,
     /// Sequences decoded together at most (ignored when kv_cache_mib is set).
     pub max_batch_size: u32,
     /// Prompt tokens (padded) read per step at most, between the decode
@@ -281,6 +289,7 @@ impl Default for ModelConfig {
             path: PathBuf::new(),
             device: "auto".into(),
             dtype: None,
+            sampler: SamplerChoice::Auto,
             max_batch_size: 32,
             max_prefill_tokens: 4096,
             max_context: None,
@@ -358,6 +367,12 @@ impl Config {
                 key.clone_from(flag);
             }
         }
+        let sampler = cli
+            .sampler
+            .as_deref()
+            .map(str::parse::<SamplerChoice>)
+            .transpose()
+            .map_err(|message| ServerError::config("--sampler", message))?;
         if let Some(path) = &cli.model {
             let name = cli
                 .model_name
@@ -390,6 +405,9 @@ impl Config {
             }
             if let Some(v) = &cli.dtype {
                 m.dtype = Some(v.clone());
+            }
+            if let Some(v) = sampler {
+                m.sampler = v;
             }
             if let Some(v) = cli.max_batch_size {
                 m.max_batch_size = v;
@@ -686,6 +704,10 @@ mod tests {
                 vec![("TORCHWIRE_MODELS__M__DTYPE", "int4")],
                 "models.m.dtype",
             ),
+            (
+                vec![("TORCHWIRE_MODELS__M__SAMPLER", "gpu")],
+                "models.m.sampler",
+            ),
             (vec![("TORCHWIRE_DEFAULT_MODEL", "other")], "default_model"),
             (vec![("TORCHWIRE_LISTN", "x")], "listn"),
             (vec![("TORCHWIRE_ADMIN_LISTEN", ":9090")], "admin_listen"),
@@ -698,6 +720,27 @@ mod tests {
             let err = Config::load(&cli, &env(&vars)).unwrap_err().to_string();
             assert!(err.contains(key), "{vars:?}: {err}");
         }
+    }
+
+    #[test]
+    fn the_sampler_comes_from_env_and_flags_and_a_bad_flag_is_named() {
+        let ckpt = checkpoint();
+        let mut cli = cli_with_model(ckpt.path());
+        let c = Config::load(&cli, &[]).unwrap();
+        assert_eq!(c.models["m"].sampler, SamplerChoice::Auto);
+        let e = env(&[("TORCHWIRE_MODELS__M__SAMPLER", "host")]);
+        assert_eq!(
+            Config::load(&cli, &e).unwrap().models["m"].sampler,
+            SamplerChoice::Host
+        );
+        cli.sampler = Some("device".into());
+        assert_eq!(
+            Config::load(&cli, &e).unwrap().models["m"].sampler,
+            SamplerChoice::Device
+        );
+        cli.sampler = Some("gpu".into());
+        let err = Config::load(&cli, &[]).unwrap_err().to_string();
+        assert!(err.contains("--sampler") && err.contains("gpu"), "{err}");
     }
 
     #[test]

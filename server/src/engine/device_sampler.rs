@@ -4,9 +4,48 @@
 //! log-probabilities) are copied to the host. It follows `sampler`'s
 //! semantics; each row's one uniform number comes from its request's RNG.
 
+use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, TchError, Tensor};
 
 use super::sampler::{Sampled, SamplingParams};
+
+/// Where a model's tokens are sampled, as configured.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SamplerChoice {
+    /// On the device for a CUDA model; on the host for a CPU one, where the
+    /// host sampler is the faster (BENCHMARKS.md, `device_sampler_bench`).
+    #[default]
+    Auto,
+    /// Every row's logits copied to the host and sampled there (`sampler`).
+    Host,
+    /// Here, on the logits' device, whatever it is.
+    Device,
+}
+
+impl SamplerChoice {
+    /// True when a model on `device` samples with this module.
+    pub fn on_device(self, device: Device) -> bool {
+        match self {
+            Self::Auto => device.is_cuda(),
+            Self::Host => false,
+            Self::Device => true,
+        }
+    }
+}
+
+impl std::str::FromStr for SamplerChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "host" => Ok(Self::Host),
+            "device" => Ok(Self::Device),
+            other => Err(format!("expected auto, host or device, got {other:?}")),
+        }
+    }
+}
 
 /// One row of the batch: its settings, the tokens seen so far (for the
 /// repetition penalty) and the uniform number in `[0, 1)` its draw uses

@@ -113,7 +113,8 @@ impl Engine {
                         .with_prefix_cache(prefix_cache::PrefixCache::new(
                             config_owned.prefix_cache_mib * 1024 * 1024,
                             stats_thread,
-                        ));
+                        ))
+                        .with_sampler(config_owned.sampler);
                         if ready_tx.send(Ok((tokenizer, info))).is_ok() {
                             scheduler.run();
                         }
