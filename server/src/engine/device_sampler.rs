@@ -264,7 +264,7 @@ fn draw_in_order(logits: &Tensor, c: &Columns, min_p: bool) -> Result<Tensor, Tc
     }
     let cum = w.f_cumsum(1, Kind::Float)?;
     let width = cum.size()[1];
-    let total = cum.f_narrow(1, width - 1, 1)?;
+    let total = cum.f_narrow(1, width - 1, 1)?.f_contiguous()?;
     let at = inverse_cdf(&cum, &total, &c.uniform)?;
     choose(at, &total, &argmax)
 }

@@ -432,7 +432,7 @@ mod tests {
         };
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
         let (mut a, mut b) = (Sampler::new(p.clone()), Sampler::new(p.clone()));
-        assert_eq!(a.sample(&mut vec![f32::NAN; 50], &[]).token, 0);
+        assert_eq!(a.sample(&mut [f32::NAN; 50], &[]).token, 0);
         let _ = b.next_uniform();
         for _ in 0..20 {
             let u = b.next_uniform();
