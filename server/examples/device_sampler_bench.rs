@@ -4,12 +4,16 @@
 //!
 //! ```sh
 //! cargo run --release -p torchwire-server --example device_sampler_bench -- 128256 16 100 2
+//! python scripts/make_random_checkpoint.py --preset vocab-128k --out /tmp/vocab-128k-random
+//! cargo run --release -p torchwire-server --example device_sampler_bench -- 128256 16 20 2 /tmp/vocab-128k-random
 //! ```
 //!
 //! Arguments: vocabulary size (128256, Llama 3's), rows per step (16), steps
-//! per trial (100), torch threads (2). The logits are Gaussian (std 3);
-//! trials of the two ways alternate and the median per step of 5 is
-//! printed. Compare it with a decode step of the model (`step_bench`).
+//! per trial (100), torch threads (2), and optionally a checkpoint directory
+//! whose decode step (as many sequences as rows, 32 tokens in) is timed in
+//! the same run for comparison. The logits are Gaussian (std 3); trials of
+//! the ways (and of the decode step) alternate and the median per step of 5
+//! is printed.
 
 use std::time::Instant;
 
@@ -17,7 +21,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tch::Tensor;
 use torchwire_server::engine::device_sampler::{self, Row};
+use torchwire_server::engine::kv_cache::KvCache;
 use torchwire_server::engine::sampler::{Sampler, SamplingParams};
+use torchwire_server::model::{Llama, LoadOptions};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -40,9 +46,11 @@ fn main() {
         ("t=0.8 top_k=50 top_p=0.95", params(0.8, 50, 0.95)),
         ("t=0.8 top_p=0.95", params(0.8, 0, 0.95)),
     ];
+    let mut decode = args.get(5).map(|dir| DecodeStep::load(dir, rows, steps));
     println!(
         "vocabulary {vocab}, {rows} rows a step, {steps} steps a trial, {threads} torch threads, median of 5 trials"
     );
+    let mut decode_times = Vec::new();
     println!("| settings | ms a step, host | ms a step, device sampler on CPU | device / host |");
     println!("|---|---|---|---|");
     for (name, p) in settings {
@@ -56,6 +64,9 @@ fn main() {
             .collect();
         let (mut on_host, mut on_device) = (Vec::new(), Vec::new());
         for _ in 0..5 {
+            if let Some(d) = &mut decode {
+                decode_times.push(d.time());
+            }
             on_host.push(time(steps, || {
                 let mut all = Vec::<f32>::try_from(&logits.flatten(0, -1)).unwrap();
                 for (row, s) in all.chunks_mut(vocab).zip(&mut samplers) {
@@ -78,6 +89,71 @@ fn main() {
         }
         let (h, d) = (median(on_host), median(on_device));
         println!("| {name} | {h:.2} | {d:.2} | {:.2} |", d / h);
+    }
+    if !decode_times.is_empty() {
+        println!(
+            "decode step, batch {rows} (greedy argmax included): {:.2} ms",
+            median(decode_times)
+        );
+    }
+}
+
+/// A model's decode step at batch `rows`, timed a trial of `steps` steps
+/// at a time from the same positions.
+struct DecodeStep {
+    model: Llama,
+    cache: KvCache,
+    rows: usize,
+    steps: usize,
+}
+
+const PROMPT: usize = 32;
+
+impl DecodeStep {
+    fn load(dir: &str, rows: usize, steps: usize) -> Self {
+        let model = Llama::load(
+            std::path::Path::new(dir),
+            LoadOptions {
+                device: tch::Device::Cpu,
+                kind: tch::Kind::Float,
+                max_positions: PROMPT + steps + 1,
+            },
+        )
+        .expect("load");
+        let mut cache = KvCache::new(
+            model.num_layers(),
+            rows,
+            model.kv_heads(),
+            PROMPT + steps + 1,
+            model.head_dim(),
+            tch::Device::Cpu,
+            tch::Kind::Float,
+        )
+        .expect("cache");
+        let ids: Vec<u32> = (0..PROMPT as u32).map(|i| 10 + i * 7 % 1000).collect();
+        for slot in 0..rows {
+            let _ = model.prefill(&ids, &mut cache, slot, false).unwrap();
+        }
+        Self {
+            model,
+            cache,
+            rows,
+            steps,
+        }
+    }
+
+    /// Milliseconds per decode step (and its argmax) over one trial.
+    fn time(&mut self) -> f64 {
+        let tokens = vec![42u32; self.rows];
+        let mut positions = vec![PROMPT; self.rows];
+        time(self.steps, || {
+            let logits = self
+                .model
+                .decode(&tokens, &positions, &mut self.cache)
+                .unwrap();
+            let _ = logits.argmax(-1, false).int64_value(&[0]);
+            positions.iter_mut().for_each(|p| *p += 1);
+        })
     }
 }
 
