@@ -5,6 +5,7 @@ benchmarks that need a model of a given shape but not a trained one.
     python scripts/make_random_checkpoint.py --preset tiny --out /tmp/tiny-random
     python scripts/make_random_checkpoint.py --preset agent-100m --out /tmp/agent-100m-random
     python scripts/make_random_checkpoint.py --preset smollm-135m --out /tmp/smollm-135m-random
+    python scripts/make_random_checkpoint.py --preset vocab-128k --out /tmp/vocab-128k-random
 
 Writes, in the Hugging Face layout that both transformers and torchwire-server
 load: config.json, generation_config.json, model.safetensors (save_pretrained),
@@ -44,6 +45,14 @@ PRESETS = {
     "agent-30m": dict(
         hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408, vocab=16000,
         context=4096, rope_theta=10000.0, dtype="float32",
+    ),
+    # agent-30m's body under Llama 3's 128,256-token vocabulary (89 M
+    # parameters, 66 M of them the tied embedding): a decode step whose
+    # logits are as wide as a Llama 3 model's, for timing sampling against
+    # it on a CPU (device_sampler_bench, step_bench).
+    "vocab-128k": dict(
+        hidden=512, layers=8, heads=8, kv_heads=4, intermediate=1408, vocab=128256,
+        context=2048, rope_theta=500000.0, dtype="float32",
     ),
     # SmolLM-135M's shape (random weights): 134.5 M parameters, tied embeddings.
     # The model of the llama.cpp comparison (scripts/bench_llamacpp.py).

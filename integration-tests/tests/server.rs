@@ -689,3 +689,24 @@ async fn a_failed_kv_slot_move_fails_the_moved_request_and_the_server_serves_on(
     }
     assert_eq!((s.running, s.prefilling), (0, 0), "{s:?}");
 }
+
+#[tokio::test]
+async fn a_seed_gives_the_same_tokens_sampled_on_the_device() {
+    let host = Server::start(&["--sampler", "host"]).await.unwrap();
+    let device = Server::start(&["--sampler", "device"]).await.unwrap();
+    let (mut h, mut d) = (client(&host).await, client(&device).await);
+    for (seed, top_k, top_p) in [(1234, 50, 0.95), (7, 0, 1.0), (8, 0, 0.9)] {
+        let sampled = GenerateRequest {
+            temperature: 0.9,
+            top_p,
+            top_k,
+            repetition_penalty: 1.1,
+            seed: Some(seed),
+            ..request("It was a dark and stormy night", 24)
+        };
+        let on_host = collect(&mut h, sampled.clone()).await.unwrap();
+        let on_device = collect(&mut d, sampled).await.unwrap();
+        assert_eq!(token_count(&on_device), 24);
+        assert_eq!(text(&on_host), text(&on_device), "seed {seed}");
+    }
+}

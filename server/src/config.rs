@@ -10,6 +10,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 use torchwire_config::EnvLayout;
 
+use crate::engine::device_sampler::SamplerChoice;
 use crate::error::ServerError;
 pub use torchwire_telemetry::LogFormat;
 
@@ -119,6 +120,10 @@ pub struct Cli {
     /// Projection weights: none, or int8 (weight-only, quantized at load) (config: models.<name>.quantize).
     #[arg(long, value_name = "none|int8")]
     pub quantize: Option<String>,
+    /// Where tokens are sampled: auto (on the device for CUDA, on the host
+    /// for CPU), host or device (config: models.<name>.sampler).
+    #[arg(long)]
+    pub sampler: Option<String>,
     /// Sequences decoded together at most (config: models.<name>.max_batch_size).
     #[arg(long)]
     pub max_batch_size: Option<u32>,
@@ -258,6 +263,9 @@ pub struct ModelConfig {
     /// `none`, or `int8`: projection weights quantized at load to int8 per
     /// output channel (a quarter of float32's memory traffic on CPU).
     pub quantize: String,
+    /// Where tokens are sampled: `auto` (on the device for a CUDA model, on
+    /// the host for a CPU one), `host` or `device`.
+    pub sampler: SamplerChoice,
     /// Sequences decoded together at most (ignored when kv_cache_mib is set).
     pub max_batch_size: u32,
     /// Prompt tokens (padded) read per step at most, between the decode
@@ -288,6 +296,7 @@ impl Default for ModelConfig {
             device: "auto".into(),
             dtype: None,
             quantize: "none".into(),
+            sampler: SamplerChoice::Auto,
             max_batch_size: 32,
             max_prefill_tokens: 4096,
             max_context: None,
@@ -365,6 +374,12 @@ impl Config {
                 key.clone_from(flag);
             }
         }
+        let sampler = cli
+            .sampler
+            .as_deref()
+            .map(str::parse::<SamplerChoice>)
+            .transpose()
+            .map_err(|message| ServerError::config("--sampler", message))?;
         if let Some(path) = &cli.model {
             let name = cli
                 .model_name
@@ -400,6 +415,9 @@ impl Config {
             }
             if let Some(v) = &cli.quantize {
                 m.quantize = v.clone();
+            }
+            if let Some(v) = sampler {
+                m.sampler = v;
             }
             if let Some(v) = cli.max_batch_size {
                 m.max_batch_size = v;
@@ -702,6 +720,10 @@ mod tests {
                 vec![("TORCHWIRE_MODELS__M__QUANTIZE", "int4")],
                 "models.m.quantize",
             ),
+            (
+                vec![("TORCHWIRE_MODELS__M__SAMPLER", "gpu")],
+                "models.m.sampler",
+            ),
             (vec![("TORCHWIRE_DEFAULT_MODEL", "other")], "default_model"),
             (vec![("TORCHWIRE_LISTN", "x")], "listn"),
             (vec![("TORCHWIRE_ADMIN_LISTEN", ":9090")], "admin_listen"),
@@ -714,6 +736,27 @@ mod tests {
             let err = Config::load(&cli, &env(&vars)).unwrap_err().to_string();
             assert!(err.contains(key), "{vars:?}: {err}");
         }
+    }
+
+    #[test]
+    fn the_sampler_comes_from_env_and_flags_and_a_bad_flag_is_named() {
+        let ckpt = checkpoint();
+        let mut cli = cli_with_model(ckpt.path());
+        let c = Config::load(&cli, &[]).unwrap();
+        assert_eq!(c.models["m"].sampler, SamplerChoice::Auto);
+        let e = env(&[("TORCHWIRE_MODELS__M__SAMPLER", "host")]);
+        assert_eq!(
+            Config::load(&cli, &e).unwrap().models["m"].sampler,
+            SamplerChoice::Host
+        );
+        cli.sampler = Some("device".into());
+        assert_eq!(
+            Config::load(&cli, &e).unwrap().models["m"].sampler,
+            SamplerChoice::Device
+        );
+        cli.sampler = Some("gpu".into());
+        let err = Config::load(&cli, &[]).unwrap_err().to_string();
+        assert!(err.contains("--sampler") && err.contains("gpu"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The engine: one OS thread per model that owns its tensors and KV cache
 //! and runs continuous batching; requests reach it through a bounded queue.
 
+pub mod device_sampler;
 #[cfg(debug_assertions)]
 pub(crate) mod fault;
 pub mod kv_cache;
@@ -116,7 +117,8 @@ impl Engine {
                         .with_prefix_cache(prefix_cache::PrefixCache::new(
                             config_owned.prefix_cache_mib * 1024 * 1024,
                             stats_thread,
-                        ));
+                        ))
+                        .with_sampler(config_owned.sampler);
                         if ready_tx.send(Ok((tokenizer, info))).is_ok() {
                             scheduler.run();
                         }

@@ -75,9 +75,28 @@ impl Sampler {
         &self.params
     }
 
+    /// The uniform number in `[0, 1)` the next token's draw uses: one
+    /// `random::<f32>()` of this request's RNG for a sampled token (drawn
+    /// whatever the logits, so the stream never depends on them), none for a
+    /// greedy one. The host draw and `device_sampler` both take it from here,
+    /// so a seed picks the same tokens on either.
+    pub fn next_uniform(&mut self) -> f32 {
+        if self.params.is_greedy() {
+            0.0
+        } else {
+            self.rng.random::<f32>()
+        }
+    }
+
     /// Picks the next token from `logits` (one row, float32), given the
     /// tokens seen so far (prompt and output) for the repetition penalty.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> Sampled {
+        let uniform = self.next_uniform();
+        self.sample_with(logits, history, uniform)
+    }
+
+    /// `sample` with the draw's uniform number given (`next_uniform`).
+    pub fn sample_with(&self, logits: &mut [f32], history: &[u32], uniform: f32) -> Sampled {
         let logprobs = (self.params.logprobs > 0).then(|| log_softmax(logits));
         if self.params.repetition_penalty != 1.0 {
             apply_repetition_penalty(logits, history, self.params.repetition_penalty);
@@ -85,7 +104,7 @@ impl Sampler {
         let token = if self.params.is_greedy() {
             argmax(logits)
         } else {
-            self.draw(logits)
+            self.draw(logits, uniform)
         };
         match logprobs {
             None => Sampled {
@@ -105,8 +124,9 @@ impl Sampler {
     /// min-p. Only as many candidates as top-k or top-p keep are ever sorted:
     /// top-p grows a best-first prefix by partial selection until it holds
     /// the mass asked for, and plain temperature (or min-p) sampling sorts
-    /// nothing, walking the vocabulary in id order.
-    fn draw(&mut self, logits: &[f32]) -> u32 {
+    /// nothing, walking the vocabulary in id order. `uniform` picks the
+    /// token by inverse CDF.
+    fn draw(&self, logits: &[f32], uniform: f32) -> u32 {
         let p = &self.params;
         let inv_t = 1.0 / p.temperature;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -136,7 +156,7 @@ impl Sampler {
             // Non-finite logits leave no distribution to draw from.
             return argmax(logits);
         }
-        let mut r = self.rng.random::<f32>() * total;
+        let mut r = uniform * total;
         for &(id, w) in &cand {
             if r < w {
                 return id;
@@ -399,6 +419,29 @@ mod tests {
         };
         assert_eq!(run(7), run(7));
         assert_ne!(run(7), run(8));
+    }
+
+    #[test]
+    fn each_sampled_token_takes_one_uniform_whatever_the_logits() {
+        // Non-finite logits fall back to the argmax but still take their
+        // uniform, so the stream does not depend on the logits (the device
+        // sampler draws before it sees them).
+        let p = SamplingParams {
+            seed: 9,
+            ..params(1.0)
+        };
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let (mut a, mut b) = (Sampler::new(p.clone()), Sampler::new(p.clone()));
+        assert_eq!(a.sample(&mut [f32::NAN; 50], &[]).token, 0);
+        let _ = b.next_uniform();
+        for _ in 0..20 {
+            let u = b.next_uniform();
+            let want = b.sample_with(&mut logits.clone(), &[], u);
+            assert_eq!(a.sample(&mut logits.clone(), &[]), want);
+        }
+        // A greedy token takes none.
+        let mut greedy = Sampler::new(params(0.0));
+        assert_eq!(greedy.next_uniform(), 0.0);
     }
 
     #[test]

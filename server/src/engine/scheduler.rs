@@ -15,6 +15,7 @@ use std::time::Instant;
 use tch::{Kind, Tensor};
 use tokio::sync::mpsc;
 
+use super::device_sampler::{self, SamplerChoice};
 use super::kv_cache::KvCache;
 use super::prefix_cache::{Hit, PrefixCache};
 use super::request::{Chunk, Event, Finish, FinishReason, Job, TokenLogprob};
@@ -83,6 +84,9 @@ pub(super) struct Scheduler {
     pending: VecDeque<Job>,
     /// Prefixes of finished sequences, for prompts that start with one.
     prefix: PrefixCache,
+    /// Decode steps sample on the logits' device (`device_sampler`), not
+    /// from a copy of every row on the host.
+    sample_on_device: bool,
     #[cfg(debug_assertions)]
     fault: Option<super::fault::Fault>,
 }
@@ -120,6 +124,7 @@ impl Scheduler {
             chunked: None,
             pending: VecDeque::new(),
             prefix,
+            sample_on_device: false,
             #[cfg(debug_assertions)]
             fault: super::fault::Fault::from_env(),
         }
@@ -128,6 +133,12 @@ impl Scheduler {
     /// Keeps finished sequences' prefixes in `prefix` (off by default).
     pub fn with_prefix_cache(mut self, prefix: PrefixCache) -> Self {
         self.prefix = prefix;
+        self
+    }
+
+    /// Samples decode steps where `choice` says for the model's device.
+    pub fn with_sampler(mut self, choice: SamplerChoice) -> Self {
+        self.sample_on_device = choice.on_device(self.model.device);
         self
     }
 
@@ -526,7 +537,9 @@ impl Scheduler {
     }
 
     /// Samples one token per row of `logits` (`[B, vocab]`, float32). Plain
-    /// greedy batches take an argmax on the device and copy only the ids.
+    /// greedy batches take an argmax on the device and copy only the ids;
+    /// others are sampled on the device too when so configured, else from a
+    /// copy of every row on the host.
     fn sample_batch(&mut self, logits: &Tensor) -> Result<Vec<Sampled>, tch::TchError> {
         if self
             .running
@@ -542,6 +555,24 @@ impl Scheduler {
                     top: Vec::new(),
                 })
                 .collect());
+        }
+        if self.sample_on_device {
+            let uniforms: Vec<f32> = self
+                .running
+                .iter_mut()
+                .map(|s| s.sampler.next_uniform())
+                .collect();
+            let rows: Vec<device_sampler::Row<'_>> = self
+                .running
+                .iter()
+                .zip(uniforms)
+                .map(|(s, uniform)| device_sampler::Row {
+                    params: s.sampler.params(),
+                    history: &s.history,
+                    uniform,
+                })
+                .collect();
+            return device_sampler::sample(logits, &rows);
         }
         let vocab = logits.size()[1] as usize;
         let mut all = Vec::<f32>::try_from(&logits.f_flatten(0, -1)?)?;
