@@ -117,6 +117,7 @@ impl DecodeStep {
                 device: tch::Device::Cpu,
                 kind: tch::Kind::Float,
                 max_positions: PROMPT + steps + 1,
+                quantization: torchwire_server::model::Quantization::None,
             },
         )
         .expect("load");

@@ -33,6 +33,8 @@ fn models_table(response: &ListModelsResponse) -> String {
         "arch",
         "device",
         "dtype",
+        "quant",
+        "weights MiB",
         "params",
         "context",
         "vocab",
@@ -48,6 +50,12 @@ fn models_table(response: &ListModelsResponse) -> String {
                 m.architecture.clone(),
                 m.device.clone(),
                 m.dtype.clone(),
+                if m.quantization.is_empty() {
+                    "none".into()
+                } else {
+                    m.quantization.clone()
+                },
+                format!("{:.1}", m.weight_bytes as f64 / 1048576.0),
                 m.parameters.to_string(),
                 m.context_length.to_string(),
                 m.vocab_size.to_string(),
@@ -221,12 +229,18 @@ mod tests {
                 vocab_size: 8192,
                 max_batch_size: 16,
                 is_default: true,
+                quantization: "int8".into(),
+                weight_bytes: 3 * 1048576,
             }],
         };
         let text = models_table(&response);
         let lines: Vec<&str> = text.lines().collect();
         assert!(lines[0].starts_with("name"));
         assert!(lines[1].starts_with("torchwire-tiny  llama"), "{text}");
+        assert!(
+            lines[1].contains("int8") && lines[1].contains("3.0"),
+            "{text}"
+        );
         assert!(lines[1].ends_with('*'), "{text}");
     }
 

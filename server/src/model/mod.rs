@@ -5,6 +5,7 @@ mod hf_config;
 mod int8;
 mod llama;
 mod projection;
+pub mod quality;
 mod quantization;
 mod rope;
 mod weights;

@@ -162,7 +162,7 @@ mod avx2 {
     #[inline(always)]
     unsafe fn prefetch_next_tile(row: *const i8, i: usize, k: usize) {
         // A prefetch never faults, even past the end of the weight.
-        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(NR * k + i) as *const i8);
+        _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(NR * k + i));
     }
 
     /// The scalar rest of a dot product from `from` to `k`.
