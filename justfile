@@ -51,6 +51,10 @@ bench-prefix *ARGS: build
 bench-sessions *ARGS: build
     {{env}} && python scripts/session_bench.py {{ARGS}}
 
+# Server thread settings alone and beside a busy process on the same cores (see BENCHMARKS.md; flags go to scripts/contention_bench.py).
+bench-contention *ARGS: build
+    {{env}} && python scripts/contention_bench.py --model {{model}} {{ARGS}}
+
 # Soak: 10 minutes of mixed load (streams, cancellations, deadlines, bad input, sessions, NATS) with RSS sampled (see RELIABILITY.md; flags go to scripts/soak.py).
 soak *ARGS: build
     {{env}} && python scripts/soak.py {{ARGS}}

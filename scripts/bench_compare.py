@@ -137,9 +137,10 @@ class HfRunner:
 
 
 class ServerProcess:
-    """torchwire-server on a free port; its log goes to a file."""
+    """torchwire-server on a free port; its log goes to a file. `env`: the
+    server's whole environment (default: this process's)."""
 
-    def __init__(self, binary, args, log_path):
+    def __init__(self, binary, args, log_path, env=None):
         self.log_file = open(log_path, "w")
         self.proc = subprocess.Popen(
             [binary, "--listen", "127.0.0.1:0", "--admin-listen", "off", *args],
@@ -148,6 +149,7 @@ class ServerProcess:
             stdin=subprocess.DEVNULL,
             text=True,
             cwd=REPO,
+            env=env,
         )
         self.addr = self._wait_for_address(timeout=300)
 
