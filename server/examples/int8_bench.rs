@@ -34,7 +34,7 @@ fn main() {
         let dense = Projection::new(w.tr().contiguous(), threads as i64);
         let one = Projection::int8(&w, Kind::Float, 1).unwrap();
         let all = Projection::int8(&w, Kind::Float, threads).unwrap();
-        for rows in [1, 16] {
+        for rows in [1, 16, 256] {
             let x = Tensor::randn([rows, inner], (Kind::Float, Device::Cpu));
             let ways: [&Projection; 3] = [&dense, &one, &all];
             let mut times = vec![Vec::new(); 3];

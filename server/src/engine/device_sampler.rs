@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, TchError, Tensor};
 
 use super::sampler::{Sampled, SamplingParams};
+use crate::model::upload;
 
 /// Where a model's tokens are sampled, as configured.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
@@ -172,8 +173,8 @@ fn penalised(logits: &Tensor, rows: &[Row<'_>], vocab: i64) -> Result<Tensor, Tc
         return Ok(logits.shallow_clone());
     }
     let device = logits.device();
-    let flat = Tensor::from_slice(&flat).f_to_device(device)?;
-    let penalty = Tensor::from_slice(&penalty).f_to_device(device)?;
+    let flat = upload(&flat, device)?;
+    let penalty = upload(&penalty, device)?;
     let mut work = logits.f_empty_like()?;
     work.f_copy_(logits)?;
     let mut all = work.f_view([-1])?;
@@ -201,7 +202,7 @@ fn select_rows(
 
 fn index_tensor(members: &[usize], device: Device) -> Result<Tensor, TchError> {
     let index: Vec<i64> = members.iter().map(|&b| b as i64).collect();
-    Tensor::from_slice(&index).f_to_device(device)
+    upload(&index, device)
 }
 
 /// Per-row settings of a group as `[n, 1]` columns, sent in one copy.
@@ -232,9 +233,7 @@ fn columns(rows: &[Row<'_>], members: &[usize], device: Device) -> Result<Column
         };
         host.extend([1.0 / p.temperature, rows[b].uniform, top_k, top_p, p.min_p]);
     }
-    let all = Tensor::from_slice(&host)
-        .f_view([members.len() as i64, N as i64])?
-        .f_to_device(device)?;
+    let all = upload(&host, device)?.f_view([members.len() as i64, N as i64])?;
     let col = |i: i64| all.f_narrow(1, i, 1);
     Ok(Columns {
         inv_t: col(0)?,

@@ -22,6 +22,7 @@ use super::hf_config::{GenerationConfig, HfConfig};
 use super::projection::Projection;
 use super::quantization::Quantization;
 use super::rope::{self, RopeTables};
+use super::upload::upload;
 use super::weights::Weights;
 use crate::engine::kv_cache::KvCache;
 
@@ -266,7 +267,7 @@ impl Llama {
             .enumerate()
             .map(|(i, p)| i as i64 * t + p.len() as i64 - 1)
             .collect();
-        let last = Tensor::from_slice(&last).f_to_device(self.device)?;
+        let last = upload(&last, self.device)?;
         self.logits(&h.f_index_select(0, &last)?)
     }
 
@@ -292,7 +293,7 @@ impl Llama {
             padded.extend(p.iter().map(|&id| id as i64));
             padded.resize(padded.len() + t as usize - p.len(), 0);
         }
-        let ids = Tensor::from_slice(&padded).f_to_device(self.device)?;
+        let ids = upload(&padded, self.device)?;
         let cos = self
             .rope
             .cos
@@ -368,7 +369,7 @@ impl Llama {
             StepPositions::Same(len - 1)
         } else {
             let pos: Vec<i64> = positions.iter().map(|&p| p as i64).collect();
-            let pos = Tensor::from_slice(&pos).f_to_device(self.device)?;
+            let pos = upload(&pos, self.device)?;
             let slots = Tensor::f_arange(b, (Kind::Int64, self.device))?;
             let mask = self.decode_mask(&pos, len)?;
             StepPositions::Mixed { pos, slots, mask }
@@ -539,5 +540,5 @@ fn tensor_bytes(t: &Tensor) -> u64 {
 
 fn ids_tensor(tokens: &[u32], device: Device) -> Result<Tensor, TchError> {
     let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-    Tensor::from_slice(&ids).f_to_device(device)
+    upload(&ids, device)
 }

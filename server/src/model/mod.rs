@@ -8,6 +8,7 @@ mod projection;
 pub mod quality;
 mod quantization;
 mod rope;
+mod upload;
 mod weights;
 
 pub use hf_config::{GenerationConfig, HfConfig};
@@ -15,6 +16,7 @@ pub use int8::cpu_path as int8_cpu_path;
 pub use llama::{Llama, LoadOptions};
 pub use projection::Projection;
 pub use quantization::Quantization;
+pub use upload::upload;
 
 use tch::{Device, Kind};
 
