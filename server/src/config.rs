@@ -120,6 +120,9 @@ pub struct Cli {
     /// Projection weights: none, or int8 (weight-only, quantized at load) (config: models.<name>.quantize).
     #[arg(long, value_name = "none|int8")]
     pub quantize: Option<String>,
+    /// Lower the intra-op threads while other processes crowd the cores, true or false (config: models.<name>.adaptive_threads).
+    #[arg(long, value_name = "BOOL")]
+    pub adaptive_threads: Option<bool>,
     /// Where tokens are sampled: auto (on the device for CUDA, on the host
     /// for CPU), host or device (config: models.<name>.sampler).
     #[arg(long)]
@@ -266,6 +269,10 @@ pub struct ModelConfig {
     /// Where tokens are sampled: `auto` (on the device for a CUDA model, on
     /// the host for a CPU one), `host` or `device`.
     pub sampler: SamplerChoice,
+    /// On a CPU model, drop intra-op threads while the model thread is kept
+    /// off its cores by other processes, and try them again later
+    /// (`engine/thread_governor.rs`).
+    pub adaptive_threads: bool,
     /// Sequences decoded together at most (ignored when kv_cache_mib is set).
     pub max_batch_size: u32,
     /// Prompt tokens (padded) read per step at most, between the decode
@@ -297,6 +304,7 @@ impl Default for ModelConfig {
             dtype: None,
             quantize: "none".into(),
             sampler: SamplerChoice::Auto,
+            adaptive_threads: true,
             max_batch_size: 32,
             max_prefill_tokens: 4096,
             max_context: None,
@@ -418,6 +426,9 @@ impl Config {
             }
             if let Some(v) = sampler {
                 m.sampler = v;
+            }
+            if let Some(v) = cli.adaptive_threads {
+                m.adaptive_threads = v;
             }
             if let Some(v) = cli.max_batch_size {
                 m.max_batch_size = v;
@@ -754,6 +765,9 @@ mod tests {
             Config::load(&cli, &e).unwrap().models["m"].sampler,
             SamplerChoice::Device
         );
+        assert!(Config::load(&cli, &e).unwrap().models["m"].adaptive_threads);
+        cli.adaptive_threads = Some(false);
+        assert!(!Config::load(&cli, &e).unwrap().models["m"].adaptive_threads);
         cli.sampler = Some("gpu".into());
         let err = Config::load(&cli, &[]).unwrap_err().to_string();
         assert!(err.contains("--sampler") && err.contains("gpu"), "{err}");

@@ -12,6 +12,7 @@ pub mod sampler;
 mod scheduler;
 pub mod stats;
 pub mod text;
+pub mod thread_governor;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -118,7 +119,8 @@ impl Engine {
                             config_owned.prefix_cache_mib * 1024 * 1024,
                             stats_thread,
                         ))
-                        .with_sampler(config_owned.sampler);
+                        .with_sampler(config_owned.sampler)
+                        .with_thread_governor(config_owned.adaptive_threads);
                         if ready_tx.send(Ok((tokenizer, info))).is_ok() {
                             scheduler.run();
                         }

@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tch::{Kind, Tensor};
 use tokio::sync::mpsc;
@@ -22,6 +22,7 @@ use super::request::{Chunk, Event, Finish, FinishReason, Job, TokenLogprob};
 use super::sampler::{Sampled, Sampler};
 use super::stats::Stats;
 use super::text::{Decode, TextStream};
+use super::thread_governor::{thread_cpu_time, ThreadGovernor};
 use super::Command;
 use crate::error::ServerError;
 use crate::model::Llama;
@@ -87,6 +88,8 @@ pub(super) struct Scheduler {
     /// Decode steps sample on the logits' device (`device_sampler`), not
     /// from a copy of every row on the host.
     sample_on_device: bool,
+    /// Intra-op threads under contention (CPU models with more than one).
+    governor: Option<ThreadGovernor>,
     #[cfg(debug_assertions)]
     fault: Option<super::fault::Fault>,
 }
@@ -125,6 +128,7 @@ impl Scheduler {
             pending: VecDeque::new(),
             prefix,
             sample_on_device: false,
+            governor: None,
             #[cfg(debug_assertions)]
             fault: super::fault::Fault::from_env(),
         }
@@ -139,6 +143,15 @@ impl Scheduler {
     /// Samples decode steps where `choice` says for the model's device.
     pub fn with_sampler(mut self, choice: SamplerChoice) -> Self {
         self.sample_on_device = choice.on_device(self.model.device);
+        self
+    }
+
+    /// Lowers the intra-op threads while the model thread is crowded off
+    /// its cores (`thread_governor.rs`), on CPU models when `enabled`.
+    pub fn with_thread_governor(mut self, enabled: bool) -> Self {
+        self.governor = (enabled && self.model.device == tch::Device::Cpu)
+            .then(|| ThreadGovernor::new(tch::get_num_threads().max(1) as usize))
+            .flatten();
         self
     }
 
@@ -460,6 +473,7 @@ impl Scheduler {
 
     /// One decode step over the whole batch.
     fn decode_step(&mut self) {
+        let (started, cpu_started) = (Instant::now(), thread_cpu_time());
         let tokens: Vec<u32> = self.running.iter().map(|s| s.next).collect();
         let positions: Vec<usize> = self.running.iter().map(|s| s.cached).collect();
         let batch = tokens.len();
@@ -479,10 +493,29 @@ impl Scheduler {
             }
         };
         self.stats.record_step(batch);
+        self.govern_threads(started, cpu_started);
         for seq in &mut self.running {
             seq.cached += 1;
         }
         self.emit_from(0, sampled);
+    }
+
+    /// Tells the governor how the step went and applies its answer.
+    fn govern_threads(&mut self, started: Instant, cpu_started: Duration) {
+        let Some(governor) = &mut self.governor else {
+            return;
+        };
+        let cpu = thread_cpu_time().saturating_sub(cpu_started);
+        if let Some(change) = governor.record(started.elapsed(), cpu, Instant::now()) {
+            tch::set_num_threads(change.to as i32);
+            tracing::info!(
+                model = %self.name,
+                from = change.from,
+                to = change.to,
+                model_thread_ran = format!("{:.0}%", change.ran * 100.0),
+                "intra-op threads changed"
+            );
+        }
     }
 
     /// Emits `sampled[i]` for the sequence in slot `first + i` and removes

@@ -105,7 +105,10 @@ impl Int8Weight {
             )));
         }
         match self.backend {
-            Backend::Cpu { threads } => self.mm_cpu(x, threads),
+            // The thread governor may have lowered the count since load.
+            Backend::Cpu { threads } => {
+                self.mm_cpu(x, threads.min(tch::get_num_threads().max(1) as usize))
+            }
             Backend::Packed => x.f_internal_weight_int8pack_mm(&self.weight, &self.scales),
             Backend::Widened => x
                 .f_mm(&self.weight.f_to_kind(x.kind())?.f_tr()?)?
