@@ -18,6 +18,7 @@ use std::path::Path;
 
 use tch::{Device, Kind, TchError, Tensor};
 
+use super::cpu_ops;
 use super::hf_config::{GenerationConfig, HfConfig};
 use super::projection::Projection;
 use super::quantization::Quantization;
@@ -485,12 +486,20 @@ impl Llama {
         let h = layer.o.addmm(&h, attn)?;
         let x = self.rms_norm(&h, &layer.post_norm)?;
         let gate_up = layer.gate_up.mm(&x)?;
-        let halves = gate_up.f_chunk(2, -1)?;
-        let act = halves[0].f_silu()?.f_mul(&halves[1])?;
+        let act = match cpu_ops::silu_mul(&gate_up)? {
+            Some(act) => act,
+            None => {
+                let halves = gate_up.f_chunk(2, -1)?;
+                halves[0].f_silu()?.f_mul(&halves[1])?
+            }
+        };
         layer.down.addmm(&h, &act)
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor, TchError> {
+        if let Some(normed) = cpu_ops::rms_norm(x, weight, self.config.rms_norm_eps)? {
+            return Ok(normed);
+        }
         if self.kind == Kind::Float {
             return x.f_rms_norm(
                 [self.config.hidden_size as i64],

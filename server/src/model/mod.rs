@@ -1,6 +1,7 @@
 //! The model: a native Llama-family decoder on tch ops, its Hugging Face
 //! checkpoint loader, and device / dtype selection.
 
+mod cpu_ops;
 mod hf_config;
 mod int8;
 mod llama;
