@@ -79,6 +79,62 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Option<Tensor>, TchError> {
     Ok(Some(out))
 }
 
+/// Rotary embedding, in place, of the first `heads` heads of every token's
+/// row of `qkv` (`[tokens, all_heads * head_dim]`): token `i` is at
+/// `positions[i]`, and `cos`/`sin` are the tables `[positions, head_dim]`
+/// (`rope.rs`: `x * cos + roll(x, head_dim / 2) * sin`, the sign in `sin`).
+/// Returns false, touching nothing, where the layout is not one it handles.
+pub fn rope_in_place(
+    qkv: &Tensor,
+    heads: usize,
+    head_dim: usize,
+    positions: &[usize],
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<bool, TchError> {
+    let Some((m, width)) = rows(qkv) else {
+        return Ok(false);
+    };
+    let Some((table_rows, table_width)) = rows(cos) else {
+        return Ok(false);
+    };
+    if m != positions.len()
+        || head_dim == 0
+        || head_dim % 2 != 0
+        || heads * head_dim > width
+        || table_width != head_dim
+        || rows(sin) != Some((table_rows, table_width))
+        || positions.iter().any(|&p| p >= table_rows)
+    {
+        return Ok(false);
+    }
+    // SAFETY: contiguous float32 CPU tensors of the sizes checked above;
+    // the caller's `qkv` is a fresh projection output that nothing else
+    // reads while this runs, and the tables are other tensors.
+    let (x, c, s) = unsafe {
+        (
+            std::slice::from_raw_parts_mut(qkv.data_ptr() as *mut f32, m * width),
+            std::slice::from_raw_parts(cos.data_ptr() as *const f32, table_rows * head_dim),
+            std::slice::from_raw_parts(sin.data_ptr() as *const f32, table_rows * head_dim),
+        )
+    };
+    let half = head_dim / 2;
+    let mut old = vec![0f32; head_dim];
+    for (row, &p) in x.chunks_exact_mut(width).zip(positions) {
+        let (c, s) = (
+            &c[p * head_dim..][..head_dim],
+            &s[p * head_dim..][..head_dim],
+        );
+        for head in row[..heads * head_dim].chunks_exact_mut(head_dim) {
+            old.copy_from_slice(head);
+            for j in 0..head_dim {
+                head[j] = old[j] * c[j] + old[(j + half) % head_dim] * s[j];
+            }
+        }
+    }
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +161,40 @@ mod tests {
         let halves = gu.chunk(2, -1);
         let aten = halves[0].silu() * &halves[1];
         assert!(close(&ours, &aten));
+    }
+
+    #[test]
+    fn rope_in_place_matches_the_tensor_rotation() {
+        let (tokens, heads, all, d) = (5, 3, 4, 8);
+        let tables = Tensor::randn([16, d], (Kind::Float, Device::Cpu));
+        let sin = Tensor::randn([16, d], (Kind::Float, Device::Cpu));
+        let positions = [0, 3, 3, 7, 15];
+        let qkv = Tensor::randn([tokens, all * d], (Kind::Float, Device::Cpu));
+        let want = {
+            let x = qkv.view([tokens, all, d]);
+            let pos = Tensor::from_slice(&positions.map(|p| p as i64));
+            let c = tables.index_select(0, &pos).view([tokens, 1, d]);
+            let s = sin.index_select(0, &pos).view([tokens, 1, d]);
+            let rotated =
+                crate::model::rope::apply(&x.unsqueeze(0), &c.unsqueeze(0), &s.unsqueeze(0))
+                    .unwrap()
+                    .squeeze_dim(0);
+            // Only the first `heads` heads turn; v (the rest) stays.
+            Tensor::cat(
+                &[rotated.narrow(1, 0, heads), x.narrow(1, heads, all - heads)],
+                1,
+            )
+        };
+        let ours = qkv.copy();
+        assert!(
+            rope_in_place(&ours, heads as usize, d as usize, &positions, &tables, &sin).unwrap()
+        );
+        assert!(close(&ours.view([tokens, all, d]), &want));
+        // A position past the table, or a count that does not match: untouched.
+        let same = qkv.copy();
+        assert!(!rope_in_place(&same, 1, d as usize, &[0, 1, 2, 3, 16], &tables, &sin).unwrap());
+        assert!(!rope_in_place(&same, 1, d as usize, &[0], &tables, &sin).unwrap());
+        assert!(same.equal(&qkv));
     }
 
     #[test]

@@ -295,6 +295,10 @@ impl Llama {
             padded.resize(padded.len() + t as usize - p.len(), 0);
         }
         let ids = upload(&padded, self.device)?;
+        // Token (prompt i, offset j) is at position start + j.
+        let positions: Vec<usize> = (0..n)
+            .flat_map(|_| (0..t).map(|j| (start + j) as usize))
+            .collect();
         let cos = self
             .rope
             .cos
@@ -321,7 +325,7 @@ impl Llama {
         };
         let mut h = Tensor::f_embedding(&self.embed, &ids, -1, false, false)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let (q, k, v) = self.attention_inputs(layer, &h, n, t, &cos, &sin)?;
+            let (q, k, v) = self.attention_inputs(layer, &h, n, t, (&positions, &cos, &sin))?;
             cache.write_prompts(i, first_slot, start, &k, &v)?;
             // q carries the scale already.
             let attn = match &prefix_mask {
@@ -390,7 +394,7 @@ impl Llama {
         let sin = sin.f_view([rows, 1, 1, self.head_dim])?;
         let mut h = Tensor::f_embedding(&self.embed, &ids, -1, false, false)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let (q, k, v) = self.attention_inputs(layer, &h, b, 1, &cos, &sin)?;
+            let (q, k, v) = self.attention_inputs(layer, &h, b, 1, (positions, &cos, &sin))?;
             let mask = match &step {
                 StepPositions::Same(p) => {
                     cache.write_position(i, *p, &k, &v)?;
@@ -430,17 +434,30 @@ impl Llama {
         h: &Tensor,
         b: i64,
         t: i64,
-        cos: &Tensor,
-        sin: &Tensor,
+        (positions, cos, sin): (&[usize], &Tensor, &Tensor),
     ) -> Result<(Tensor, Tensor, Tensor), TchError> {
         let x = self.rms_norm(h, &layer.input_norm)?;
         let qkv = match &layer.qkv_bias {
             Some(bias) => layer.qkv.addmm(bias, &x)?,
             None => layer.qkv.mm(&x)?,
         };
+        // On CPU in float32: q and k rotated in place in one pass over the
+        // fresh projection output (token i at positions[i]).
+        let rotated = cpu_ops::rope_in_place(
+            &qkv,
+            (self.heads + self.kv_heads) as usize,
+            self.head_dim as usize,
+            positions,
+            &self.rope.cos,
+            &self.rope.sin,
+        )?;
         let qkv = qkv.f_view([b, t, self.heads + 2 * self.kv_heads, self.head_dim])?;
-        // Rotate q and k together: one set of ops for both.
-        let qk = rope::apply(&qkv.f_narrow(2, 0, self.heads + self.kv_heads)?, cos, sin)?;
+        // Else rotate q and k together: one set of ops for both.
+        let qk = if rotated {
+            qkv.shallow_clone()
+        } else {
+            rope::apply(&qkv.f_narrow(2, 0, self.heads + self.kv_heads)?, cos, sin)?
+        };
         let q = qk.f_narrow(2, 0, self.heads)?.f_transpose(1, 2)?;
         let k = qk
             .f_narrow(2, self.heads, self.kv_heads)?
