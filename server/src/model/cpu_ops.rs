@@ -55,7 +55,7 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Option<Tensor>, TchError> {
     let Some((m, width)) = rows(gate_up) else {
         return Ok(None);
     };
-    if width % 2 != 0 {
+    if !width.is_multiple_of(2) {
         return Ok(None);
     }
     let i = width / 2;
@@ -100,7 +100,7 @@ pub fn rope_in_place(
     };
     if m != positions.len()
         || head_dim == 0
-        || head_dim % 2 != 0
+        || !head_dim.is_multiple_of(2)
         || heads * head_dim > width
         || table_width != head_dim
         || rows(sin) != Some((table_rows, table_width))
