@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tch::{Kind, Tensor};
 use tokio::sync::mpsc;
@@ -22,7 +22,7 @@ use super::request::{Chunk, Event, Finish, FinishReason, Job, TokenLogprob};
 use super::sampler::{Sampled, Sampler};
 use super::stats::Stats;
 use super::text::{Decode, TextStream};
-use super::thread_governor::{thread_cpu_time, ThreadGovernor};
+use super::thread_governor::{StepClock, ThreadGovernor};
 use super::Command;
 use crate::error::ServerError;
 use crate::model::Llama;
@@ -473,7 +473,7 @@ impl Scheduler {
 
     /// One decode step over the whole batch.
     fn decode_step(&mut self) {
-        let (started, cpu_started) = (Instant::now(), thread_cpu_time());
+        let clock = StepClock::start();
         let tokens: Vec<u32> = self.running.iter().map(|s| s.next).collect();
         let positions: Vec<usize> = self.running.iter().map(|s| s.cached).collect();
         let batch = tokens.len();
@@ -493,29 +493,13 @@ impl Scheduler {
             }
         };
         self.stats.record_step(batch);
-        self.govern_threads(started, cpu_started);
+        if let Some(governor) = &mut self.governor {
+            governor.after_step(clock, &self.name);
+        }
         for seq in &mut self.running {
             seq.cached += 1;
         }
         self.emit_from(0, sampled);
-    }
-
-    /// Tells the governor how the step went and applies its answer.
-    fn govern_threads(&mut self, started: Instant, cpu_started: Duration) {
-        let Some(governor) = &mut self.governor else {
-            return;
-        };
-        let cpu = thread_cpu_time().saturating_sub(cpu_started);
-        if let Some(change) = governor.record(started.elapsed(), cpu, Instant::now()) {
-            tch::set_num_threads(change.to as i32);
-            tracing::info!(
-                model = %self.name,
-                from = change.from,
-                to = change.to,
-                model_thread_ran = format!("{:.0}%", change.ran * 100.0),
-                "intra-op threads changed"
-            );
-        }
     }
 
     /// Emits `sampled[i]` for the sequence in slot `first + i` and removes

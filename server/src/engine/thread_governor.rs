@@ -116,6 +116,40 @@ impl ThreadGovernor {
     }
 }
 
+/// When a step began, by the wall clock and by the model thread's CPU clock.
+#[derive(Debug, Clone, Copy)]
+pub struct StepClock {
+    wall: Instant,
+    cpu: Duration,
+}
+
+impl StepClock {
+    pub fn start() -> Self {
+        Self {
+            wall: Instant::now(),
+            cpu: thread_cpu_time(),
+        }
+    }
+}
+
+impl ThreadGovernor {
+    /// Records the step begun at `clock` on the calling (model) thread and,
+    /// when the count changes, applies it to this thread and logs it.
+    pub fn after_step(&mut self, clock: StepClock, model: &str) {
+        let cpu = thread_cpu_time().saturating_sub(clock.cpu);
+        if let Some(change) = self.record(clock.wall.elapsed(), cpu, Instant::now()) {
+            tch::set_num_threads(change.to as i32);
+            tracing::info!(
+                model,
+                from = change.from,
+                to = change.to,
+                model_thread_ran = format!("{:.0}%", change.ran * 100.0),
+                "intra-op threads changed"
+            );
+        }
+    }
+}
+
 /// CPU time the calling thread has used.
 pub fn thread_cpu_time() -> Duration {
     let mut ts = libc::timespec {
