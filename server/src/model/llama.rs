@@ -23,6 +23,7 @@ use super::hf_config::{GenerationConfig, HfConfig};
 use super::projection::Projection;
 use super::quantization::Quantization;
 use super::rope::{self, RopeTables};
+use super::tensor_bytes;
 use super::upload::upload;
 use super::weights::Weights;
 use crate::engine::kv_cache::KvCache;
@@ -558,10 +559,6 @@ enum StepPositions {
 /// A checkpoint's `[out, in]` projection as a contiguous `[in, out]` matrix.
 fn in_out(weight: &Tensor) -> Tensor {
     weight.tr().contiguous()
-}
-
-fn tensor_bytes(t: &Tensor) -> u64 {
-    (t.numel() * t.kind().elt_size_in_bytes()) as u64
 }
 
 fn ids_tensor(tokens: &[u32], device: Device) -> Result<Tensor, TchError> {

@@ -21,6 +21,11 @@ pub use upload::upload;
 
 use tch::{Device, Kind};
 
+/// Bytes a tensor's elements take.
+fn tensor_bytes(t: &tch::Tensor) -> u64 {
+    (t.numel() * t.kind().elt_size_in_bytes()) as u64
+}
+
 /// Where a model runs, as configured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DeviceChoice {

@@ -83,9 +83,7 @@ impl Projection {
     /// Bytes the weight takes.
     pub fn bytes(&self) -> u64 {
         match &self.repr {
-            Repr::Dense { weight, .. } => {
-                (weight.numel() * weight.kind().elt_size_in_bytes()) as u64
-            }
+            Repr::Dense { weight, .. } => super::tensor_bytes(weight),
             Repr::Int8(w) => w.bytes(),
         }
     }

@@ -92,7 +92,7 @@ impl Int8Weight {
 
     /// Bytes of the int8 weight and its scales.
     pub fn bytes(&self) -> u64 {
-        (self.weight.numel() + self.scales.numel() * self.scales.kind().elt_size_in_bytes()) as u64
+        super::tensor_bytes(&self.weight) + super::tensor_bytes(&self.scales)
     }
 
     /// `x @ W.T` for `x`: `[M, in]`; returns `[M, out]` in `x`'s dtype.
