@@ -15,37 +15,24 @@
 //! the ways (and of the decode step) alternate and the median per step of 5
 //! is printed.
 
-use std::time::Instant;
+mod common;
 
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 use tch::Tensor;
 use torchwire_server::engine::device_sampler::{self, Row};
 use torchwire_server::engine::kv_cache::KvCache;
 use torchwire_server::engine::sampler::{Sampler, SamplingParams};
 use torchwire_server::model::{Llama, LoadOptions};
 
+use common::{gaussian_logits, median, settings, time};
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |i: usize, default: usize| args.get(i).map_or(default, |s| s.parse().unwrap());
     let (vocab, rows, steps, threads) = (arg(1, 128_256), arg(2, 16), arg(3, 100), arg(4, 2));
     tch::set_num_threads(threads as i32);
-    let mut rng = StdRng::seed_from_u64(7);
-    let host: Vec<f32> = (0..vocab * rows)
-        .map(|_| {
-            // Box-Muller: a normal sample with std 3.
-            let (u, v): (f32, f32) = (rng.random::<f32>().max(1e-9), rng.random());
-            3.0 * (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
-        })
-        .collect();
-    let logits = Tensor::from_slice(&host).view([rows as i64, vocab as i64]);
+    let logits =
+        Tensor::from_slice(&gaussian_logits(vocab * rows)).view([rows as i64, vocab as i64]);
     let history: Vec<u32> = (0..64).map(|i| i * 97 % vocab as u32).collect();
-    let settings = [
-        ("greedy", params(0.0, 0, 1.0)),
-        ("t=0.8", params(0.8, 0, 1.0)),
-        ("t=0.8 top_k=50 top_p=0.95", params(0.8, 50, 0.95)),
-        ("t=0.8 top_p=0.95", params(0.8, 0, 0.95)),
-    ];
     let mut decode = args.get(5).map(|dir| DecodeStep::load(dir, rows, steps));
     println!(
         "vocabulary {vocab}, {rows} rows a step, {steps} steps a trial, {threads} torch threads, median of 5 trials"
@@ -53,7 +40,7 @@ fn main() {
     let mut decode_times = Vec::new();
     println!("| settings | ms a step, host | ms a step, device sampler on CPU | device / host |");
     println!("|---|---|---|---|");
-    for (name, p) in settings {
+    for (name, p) in settings() {
         let mut samplers: Vec<Sampler> = (0..rows)
             .map(|b| {
                 Sampler::new(SamplingParams {
@@ -156,27 +143,4 @@ impl DecodeStep {
             positions.iter_mut().for_each(|p| *p += 1);
         })
     }
-}
-
-fn params(temperature: f32, top_k: usize, top_p: f32) -> SamplingParams {
-    SamplingParams {
-        temperature,
-        top_k,
-        top_p,
-        ..Default::default()
-    }
-}
-
-/// Milliseconds per step of `f` over `steps` steps.
-fn time(steps: usize, mut f: impl FnMut()) -> f64 {
-    let start = Instant::now();
-    for _ in 0..steps {
-        f();
-    }
-    start.elapsed().as_secs_f64() * 1000.0 / steps as f64
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }

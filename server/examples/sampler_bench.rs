@@ -11,78 +11,41 @@
 //! spread; trials of the two ways alternate, and the median per step is
 //! printed. Compare it with a decode step of the model (`step_bench`).
 
-use std::time::Instant;
+mod common;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use torchwire_server::engine::sampler::{Sampler, SamplingParams};
 
+use common::{gaussian_logits, median, settings, time};
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let arg = |i: usize, default: usize| args.get(i).map_or(default, |s| s.parse().unwrap());
     let (vocab, rows, steps) = (arg(1, 128_256), arg(2, 16), arg(3, 200));
-    let mut rng = StdRng::seed_from_u64(7);
-    let logits: Vec<Vec<f32>> = (0..rows)
-        .map(|_| {
-            (0..vocab)
-                .map(|_| {
-                    // Box-Muller: a normal sample with std 3.
-                    let (u, v): (f32, f32) = (rng.random::<f32>().max(1e-9), rng.random());
-                    3.0 * (-2.0 * u.ln()).sqrt() * (std::f32::consts::TAU * v).cos()
-                })
-                .collect()
-        })
-        .collect();
-    let settings = [
-        ("greedy", SamplingParams::default()),
-        ("t=0.8", params(0.8, 0, 1.0)),
-        ("t=0.8 top_k=50 top_p=0.95", params(0.8, 50, 0.95)),
-        ("t=0.8 top_p=0.95", params(0.8, 0, 0.95)),
-    ];
+    let logits = gaussian_logits(vocab * rows);
+    let mut rng = StdRng::seed_from_u64(8);
     println!("vocabulary {vocab}, {rows} rows a step, {steps} steps a trial, median of 5 trials");
     println!("| settings | ms a step, full sort (before) | ms a step, sampler | ratio |");
     println!("|---|---|---|---|");
-    for (name, p) in settings {
+    for (name, p) in settings() {
         let (mut before, mut now) = (Vec::new(), Vec::new());
         for _ in 0..5 {
             before.push(time(steps, || {
-                for row in &logits {
+                for row in logits.chunks(vocab) {
                     std::hint::black_box(full_sort_draw(&p, row, &mut rng));
                 }
             }));
             let mut samplers: Vec<Sampler> = (0..rows).map(|_| Sampler::new(p.clone())).collect();
             now.push(time(steps, || {
-                for (row, s) in logits.iter().zip(&mut samplers) {
-                    std::hint::black_box(s.sample(&mut row.clone(), &[]));
+                for (row, s) in logits.chunks(vocab).zip(&mut samplers) {
+                    std::hint::black_box(s.sample(&mut row.to_vec(), &[]));
                 }
             }));
         }
         let (b, n) = (median(before), median(now));
         println!("| {name} | {b:.2} | {n:.2} | {:.2} |", n / b);
     }
-}
-
-fn params(temperature: f32, top_k: usize, top_p: f32) -> SamplingParams {
-    SamplingParams {
-        temperature,
-        top_k,
-        top_p,
-        ..Default::default()
-    }
-}
-
-/// Milliseconds per step of `f` over `steps` steps.
-fn time(steps: usize, mut f: impl FnMut()) -> f64 {
-    let start = Instant::now();
-    for _ in 0..steps {
-        f();
-    }
-    start.elapsed().as_secs_f64() * 1000.0 / steps as f64
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// The previous draw: every candidate's weight, then a sort of all that
