@@ -340,10 +340,16 @@ def print_table(args, rows):
             goal, ok = r.get("tok_s_target"), r.get("meets_tok_s_target")
             line.append("-" if goal is None else f">= {goal:,.0f}" + ("" if ok is None else (" ok" if ok else " MISSED")))
         lines.append(line)
-    widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
+    return markdown_table(lines)
+
+
+def markdown_table(lines):
+    """Rows of cells (the first row the header) as a Markdown table, columns
+    padded to their widest cell: the first left-aligned, the rest right."""
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
     out = []
-    for i, l in enumerate(lines):
-        cells = (c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(l, widths)))
+    for i, row in enumerate(lines):
+        cells = (c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths)))
         out.append("| " + " | ".join(cells) + " |")
         if i == 0:
             out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")

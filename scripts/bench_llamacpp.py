@@ -51,7 +51,7 @@ from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import llamacpp  # noqa: E402
-from bench_compare import TEXT, ServerProcess, machine  # noqa: E402
+from bench_compare import TEXT, ServerProcess, machine, markdown_table  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -408,13 +408,7 @@ def table(results):
                 b = r["baseline"]
                 lines[-1] += [f"{b['output_tokens_per_s']:,.0f}", f"{b['tpot_p50_ms']:.2f}",
                               f"{r['speedup']:.2f}x", f"{r['median_speedup']:.2f}x"]
-    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
-    out = []
-    for i, row in enumerate(lines):
-        out.append("| " + " | ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))) + " |")
-        if i == 0:
-            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(out)
+    return markdown_table(lines)
 
 
 def main():

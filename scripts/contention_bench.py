@@ -66,7 +66,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_compare import REPO, ServerProcess, machine  # noqa: E402
+from bench_compare import REPO, ServerProcess, machine, markdown_table  # noqa: E402
 
 
 def log(msg):
@@ -341,13 +341,7 @@ def table(args, rows):
             line.append("-" if of is None else
                         ("best" if of >= 1 else f"{100 * (of - 1):+.0f}%") + (" ok" if r["near_best"] else " MISSED"))
         lines.append(line)
-    widths = [max(len(l[i]) for l in lines) for i in range(len(head))]
-    out = []
-    for i, l in enumerate(lines):
-        out.append("| " + " | ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(l, widths))) + " |")
-        if i == 0:
-            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(out)
+    return markdown_table(lines)
 
 
 def verdict(args, rows):
