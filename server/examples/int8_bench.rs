@@ -1,6 +1,7 @@
-//! Times one projection alone: float32 (`x @ W`, column blocks per thread
-//! as the server keeps them) against int8 weights (`--quantize int8`) on 1
-//! and on all threads, for the shapes of a SmolLM-135M-sized decoder:
+//! Times one projection alone: float32 through MKL (`x @ W`, `W` `[in, out]`),
+//! float32 rows as the server keeps them (torchwire's kernel up to 64 rows,
+//! MKL above), and int8 weights (`--quantize int8`), for the shapes of a
+//! SmolLM-135M-sized decoder:
 //!
 //! ```sh
 //! cargo run --release -p torchwire-server --example int8_bench -- 2 200
@@ -22,7 +23,7 @@ fn main() {
     tch::set_num_threads(threads as i32);
     let _guard = tch::no_grad_guard();
     println!("{threads} threads, {calls} calls a trial, median of 5 trials");
-    println!("in x out, rows: f32 ms (GB/s) | int8 1 thread ms (GB/s) | int8 {threads} threads ms (GB/s)");
+    println!("in x out, rows: MKL f32 ms (GB/s) | f32 rows ms (GB/s) | int8 ms (GB/s)");
     for (inner, out) in [
         (576, 960),
         (576, 576),
@@ -31,30 +32,34 @@ fn main() {
         (576, 49152),
     ] {
         let w = Tensor::randn([out, inner], (Kind::Float, Device::Cpu));
-        let dense = Projection::new(w.tr().contiguous(), threads as i64);
-        let one = Projection::int8(&w, Kind::Float, 1).unwrap();
-        let all = Projection::int8(&w, Kind::Float, threads).unwrap();
+        let in_out = w.tr().contiguous();
+        let rows = Projection::new(&w);
+        let int8 = Projection::int8(&w, Kind::Float, threads).unwrap();
+        let bytes = [rows.bytes(), rows.bytes(), int8.bytes()];
+        let ways: [&dyn Fn(&Tensor) -> Tensor; 3] =
+            [&|x| x.mm(&in_out), &|x| rows.mm(x).unwrap(), &|x| {
+                int8.mm(x).unwrap()
+            }];
         for rows in [1, 16, 256] {
             let x = Tensor::randn([rows, inner], (Kind::Float, Device::Cpu));
-            let ways: [&Projection; 3] = [&dense, &one, &all];
             let mut times = vec![Vec::new(); 3];
             for _trial in 0..5 {
-                for (i, p) in ways.iter().enumerate() {
-                    let _ = p.mm(&x).unwrap();
+                for (i, way) in ways.iter().enumerate() {
+                    let _ = way(&x);
                     let start = Instant::now();
                     for _ in 0..calls {
-                        let _ = p.mm(&x).unwrap();
+                        let _ = way(&x);
                     }
                     times[i].push(start.elapsed().as_secs_f64() / calls as f64);
                 }
             }
             let line: Vec<String> = times
                 .iter_mut()
-                .zip(ways)
-                .map(|(t, p)| {
+                .zip(bytes)
+                .map(|(t, bytes)| {
                     t.sort_by(f64::total_cmp);
                     let s = t[t.len() / 2];
-                    format!("{:.3} ({:.1})", s * 1e3, p.bytes() as f64 / s / 1e9)
+                    format!("{:.3} ({:.1})", s * 1e3, bytes as f64 / s / 1e9)
                 })
                 .collect();
             println!("{inner} x {out}, {rows}: {}", line.join(" | "));

@@ -58,6 +58,31 @@ impl KvCache {
         self.max_batch
     }
 
+    /// Positions a slot holds.
+    pub fn max_context(&self) -> usize {
+        self.keys.first().map_or(0, |k| k.size()[2] as usize)
+    }
+
+    /// Layer `layer`'s keys and values as float32 slices laid out `[max_batch,
+    /// kv_heads, max_context, head_dim]`, where the cache is float32 on the
+    /// CPU (the CPU decode step reads and writes them in place).
+    pub fn cpu_layer_mut(&mut self, layer: usize) -> Option<(&mut [f32], &mut [f32])> {
+        let (keys, values) = (self.keys.get(layer)?, self.values.get(layer)?);
+        let plain =
+            |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous();
+        if !plain(keys) || !plain(values) {
+            return None;
+        }
+        // SAFETY: contiguous float32 CPU tensors of numel elements, two
+        // distinct allocations, borrowed mutably through `&mut self`.
+        Some(unsafe {
+            (
+                std::slice::from_raw_parts_mut(keys.data_ptr() as *mut f32, keys.numel()),
+                std::slice::from_raw_parts_mut(values.data_ptr() as *mut f32, values.numel()),
+            )
+        })
+    }
+
     /// Stores the keys and values of N prompts (`[N, kv_heads, T, head_dim]`)
     /// at positions `start..start + T` of slots `first_slot..first_slot + N`.
     pub fn write_prompts(

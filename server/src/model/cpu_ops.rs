@@ -36,16 +36,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>,
             std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, m * h),
         )
     };
-    for (row, out_row) in src
-        .chunks_exact(h.max(1))
-        .zip(dst.chunks_exact_mut(h.max(1)))
-    {
-        let sum: f32 = row.iter().map(|v| v * v).sum();
-        let scale = 1.0 / ((sum / h as f32) + eps as f32).sqrt();
-        for ((o, v), g) in out_row.iter_mut().zip(row).zip(w) {
-            *o = v * scale * g;
-        }
-    }
+    rms_norm_rows(src, w, eps as f32, dst);
     Ok(Some(out))
 }
 
@@ -67,15 +58,7 @@ pub fn silu_mul(gate_up: &Tensor) -> Result<Option<Tensor>, TchError> {
             std::slice::from_raw_parts_mut(out.data_ptr() as *mut f32, m * i),
         )
     };
-    for (row, out_row) in src
-        .chunks_exact(width.max(1))
-        .zip(dst.chunks_exact_mut(i.max(1)))
-    {
-        let (gate, up) = row.split_at(i);
-        for ((o, g), u) in out_row.iter_mut().zip(gate).zip(up) {
-            *o = g / (1.0 + (-g).exp()) * u;
-        }
-    }
+    silu_mul_rows(src, i, dst);
     Ok(Some(out))
 }
 
@@ -118,12 +101,52 @@ pub fn rope_in_place(
             std::slice::from_raw_parts(sin.data_ptr() as *const f32, table_rows * head_dim),
         )
     };
+    rope_rows(x, width, heads, head_dim, positions, (c, s));
+    Ok(true)
+}
+
+/// RMSNorm of each row of `src` (rows of `weight.len()`) into `dst`.
+pub fn rms_norm_rows(src: &[f32], weight: &[f32], eps: f32, dst: &mut [f32]) {
+    let h = weight.len().max(1);
+    for (row, out_row) in src.chunks_exact(h).zip(dst.chunks_exact_mut(h)) {
+        let sum: f32 = row.iter().map(|v| v * v).sum();
+        let scale = 1.0 / ((sum / h as f32) + eps).sqrt();
+        for ((o, v), g) in out_row.iter_mut().zip(row).zip(weight) {
+            *o = v * scale * g;
+        }
+    }
+}
+
+/// `silu(gate) * up` of each row of `src` (`[gate | up]`, `2 * i` wide) into
+/// the rows of `dst` (`i` wide).
+pub fn silu_mul_rows(src: &[f32], i: usize, dst: &mut [f32]) {
+    let i = i.max(1);
+    for (row, out_row) in src.chunks_exact(2 * i).zip(dst.chunks_exact_mut(i)) {
+        let (gate, up) = row.split_at(i);
+        for ((o, g), u) in out_row.iter_mut().zip(gate).zip(up) {
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    }
+}
+
+/// Rotary embedding, in place, of the first `heads` heads of each row of `x`
+/// (rows `width` wide): row `i` at `positions[i]`, with the tables `(cos,
+/// sin)` `[positions, head_dim]`. Callers check that every position is in
+/// the tables and `head_dim` is even.
+pub fn rope_rows(
+    x: &mut [f32],
+    width: usize,
+    heads: usize,
+    head_dim: usize,
+    positions: &[usize],
+    (cos, sin): (&[f32], &[f32]),
+) {
     let half = head_dim / 2;
     let mut old = vec![0f32; head_dim];
     for (row, &p) in x.chunks_exact_mut(width).zip(positions) {
         let (c, s) = (
-            &c[p * head_dim..][..head_dim],
-            &s[p * head_dim..][..head_dim],
+            &cos[p * head_dim..][..head_dim],
+            &sin[p * head_dim..][..head_dim],
         );
         for head in row[..heads * head_dim].chunks_exact_mut(head_dim) {
             old.copy_from_slice(head);
@@ -132,7 +155,6 @@ pub fn rope_in_place(
             }
         }
     }
-    Ok(true)
 }
 
 #[cfg(test)]

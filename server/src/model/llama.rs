@@ -1,23 +1,21 @@
 //! The Llama-family decoder (Llama 2/3, TinyLlama, SmolLM, Qwen2, Mistral
-//! without sliding windows) written with tch ops: RMSNorm, rotary
-//! embeddings, grouped-query attention over a slot-based KV cache, SwiGLU MLP.
-//! q/k/v and gate/up projections are fused into one matmul each.
+//! without sliding windows): RMSNorm, rotary embeddings, grouped-query
+//! attention over a slot-based KV cache, SwiGLU MLP. q/k/v and gate/up
+//! projections are fused into one matmul each, and the attention scale is
+//! folded into the q weights.
 //!
-//! Weights are kept as `[in, out]` (the transpose of the checkpoint's
-//! `[out, in]`), so every projection is a plain `x @ W` with `W` contiguous:
-//! on CPU, MKL then multiplies a few rows without repacking the weight at
-//! every call, about twice as fast at decode batch sizes. Residual adds are
-//! fused into the projection (`addmm`), the attention scale is folded into
-//! the q weights, and decode attention adds its mask inside the batched
-//! matmul (`baddbmm`), so a decode step launches few small ops. On CPU in
-//! float32 each projection is also split into column blocks, one per
-//! intra-op thread (`projection.rs`), so MKL's few-row products use every
-//! thread.
+//! Prompts run as tch ops everywhere. The decode step runs as tch ops on
+//! GPUs and in half precision (residual adds fused into `addmm`, decode
+//! attention's mask added inside `baddbmm`, so a step launches few small
+//! ops); on the CPU in float32 it runs without ATen in `cpu_decode.rs`,
+//! where per-op overhead would cost more than the arithmetic. Projection
+//! weights are kept as `projection.rs` says is fastest for the device.
 
 use std::path::Path;
 
 use tch::{Device, Kind, TchError, Tensor};
 
+use super::cpu_decode::{self, floats, Dims, LayerRows, ModelRows};
 use super::cpu_ops;
 use super::hf_config::{GenerationConfig, HfConfig};
 use super::projection::Projection;
@@ -85,13 +83,11 @@ impl Llama {
             .unwrap_or_default();
         let _guard = tch::no_grad_guard();
         let mut w = Weights::load(dir, opts.device, opts.kind)?;
-        // Column blocks per projection: one per intra-op thread on CPU.
         let threads = tch::get_num_threads().max(1) as usize;
-        let parts = Projection::parts_for(opts.device, opts.kind, threads as i64);
         // A checkpoint's `[out, in]` projection weight, as served.
         let proj = |weight: Tensor| -> Result<Projection, String> {
             match opts.quantization {
-                Quantization::None => Ok(Projection::new(in_out(&weight), parts)),
+                Quantization::None => Ok(Projection::new(&weight)),
                 Quantization::Int8 => Projection::int8(&weight, opts.kind, threads)
                     .map_err(|e| format!("quantizing to int8: {e}")),
             }
@@ -155,13 +151,9 @@ impl Llama {
                 count(head.numel());
                 (proj(head)?, false)
             }
-            // Tied: quantized, or on CPU a transposed copy (the fast layout;
-            // small models only), elsewhere a view, so the GPU holds the
-            // matrix once.
-            _ if opts.device == Device::Cpu || opts.quantization != Quantization::None => {
-                (proj(embed.shallow_clone())?, false)
-            }
-            _ => (Projection::new(embed.tr(), 1), true),
+            // Tied: quantized, else a view of the embedding, held once.
+            _ if opts.quantization != Quantization::None => (proj(embed.shallow_clone())?, false),
+            _ => (Projection::tied(&embed), true),
         };
         let mut weight_bytes = tensor_bytes(&embed) + tensor_bytes(&norm);
         if !head_is_embedding {
@@ -364,6 +356,75 @@ impl Llama {
         positions: &[usize],
         cache: &mut KvCache,
     ) -> Result<Tensor, TchError> {
+        match self.cpu_rows() {
+            Some(rows) => cpu_decode::decode(&rows, tokens, positions, cache),
+            None => self.decode_with_ops(tokens, positions, cache),
+        }
+    }
+
+    /// Which implementation runs the decode step, for the start-up log.
+    pub fn decode_path(&self) -> &'static str {
+        if self.cpu_rows().is_some() {
+            "torchwire CPU step"
+        } else {
+            "libtorch ops"
+        }
+    }
+
+    /// The weights as float32 slices and weight rows for the CPU decode
+    /// step, where the model is float32 on the CPU (else `None`).
+    fn cpu_rows(&self) -> Option<ModelRows<'_>> {
+        if self.device != Device::Cpu || self.kind != Kind::Float || self.head_dim % 2 != 0 {
+            return None;
+        }
+        let config = &self.config;
+        let dims = Dims {
+            hidden: config.hidden_size,
+            heads: self.heads as usize,
+            kv_heads: self.kv_heads as usize,
+            head_dim: self.head_dim as usize,
+            intermediate: self.layers.first()?.down.in_features(),
+            vocab: self.lm_head.out_features(),
+            eps: config.rms_norm_eps as f32,
+        };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                Some(LayerRows {
+                    input_norm: floats(&l.input_norm)?,
+                    qkv: l.qkv.cpu_rows()?,
+                    qkv_bias: match &l.qkv_bias {
+                        Some(bias) => Some(floats(bias)?),
+                        None => None,
+                    },
+                    o: l.o.cpu_rows()?,
+                    post_norm: floats(&l.post_norm)?,
+                    gate_up: l.gate_up.cpu_rows()?,
+                    down: l.down.cpu_rows()?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        let embed = floats(&self.embed)?;
+        (embed.len() == dims.vocab * dims.hidden).then_some(())?;
+        Some(ModelRows {
+            dims,
+            embed,
+            layers,
+            norm: floats(&self.norm)?,
+            lm_head: self.lm_head.cpu_rows()?,
+            cos: floats(&self.rope.cos)?,
+            sin: floats(&self.rope.sin)?,
+        })
+    }
+
+    /// The decode step as libtorch ops (GPUs, half precision).
+    fn decode_with_ops(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        cache: &mut KvCache,
+    ) -> Result<Tensor, TchError> {
         let _guard = tch::no_grad_guard();
         let b = tokens.len() as i64;
         let ids = ids_tensor(tokens, self.device)?;
@@ -556,12 +617,114 @@ enum StepPositions {
     },
 }
 
-/// A checkpoint's `[out, in]` projection as a contiguous `[in, out]` matrix.
-fn in_out(weight: &Tensor) -> Tensor {
-    weight.tr().contiguous()
-}
-
 fn ids_tensor(tokens: &[u32], device: Device) -> Result<Tensor, TchError> {
     let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
     upload(&ids, device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPU step and the libtorch-op step, on the bundled model, in float32
+    /// and int8: the same logits and the same cache, for sequences at
+    /// different positions (a mask in the op step) and at one (none).
+    #[test]
+    fn the_cpu_step_matches_the_op_step() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/torchwire-tiny");
+        let (slots, context) = (3usize, 48usize);
+        for quantization in [Quantization::None, Quantization::Int8] {
+            let model = Llama::load(
+                &dir,
+                LoadOptions {
+                    device: Device::Cpu,
+                    kind: Kind::Float,
+                    max_positions: context,
+                    quantization,
+                },
+            )
+            .unwrap();
+            assert!(model.cpu_rows().is_some());
+            let cache = || {
+                KvCache::new(
+                    model.num_layers(),
+                    slots,
+                    model.kv_heads(),
+                    context,
+                    model.head_dim(),
+                    Device::Cpu,
+                    Kind::Float,
+                )
+                .unwrap()
+            };
+            let (mut ours, mut ops) = (cache(), cache());
+            let prompts: [&[u32]; 3] =
+                [&[1, 2, 3, 4, 5], &[7, 8, 9], &[10, 11, 12, 13, 14, 15, 16]];
+            for (slot, p) in prompts.iter().enumerate() {
+                let _ = model.prefill(p, &mut ours, slot, false).unwrap();
+                let _ = model.prefill(p, &mut ops, slot, false).unwrap();
+            }
+            let mut positions: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+            let mut tokens = vec![20u32, 30, 40];
+            for step in 0..8 {
+                // The last steps run one sequence: one position, no mask.
+                let b = if step < 5 { 3 } else { 1 };
+                let a = model
+                    .decode(&tokens[..b], &positions[..b], &mut ours)
+                    .unwrap();
+                let o = model
+                    .decode_with_ops(&tokens[..b], &positions[..b], &mut ops)
+                    .unwrap();
+                assert_eq!(a.size(), o.size());
+                let diff = (&a - &o).abs().max().double_value(&[]);
+                assert!(
+                    diff < 1e-3,
+                    "{quantization:?} step {step}: logits differ by {diff}"
+                );
+                let next = Vec::<i64>::try_from(a.argmax(-1, false)).unwrap();
+                for (i, t) in next.into_iter().enumerate() {
+                    tokens[i] = t as u32;
+                    positions[i] += 1;
+                }
+            }
+            for (slot, &len) in positions.iter().enumerate() {
+                let (a, o) = (
+                    ours.copy_out(slot, len).unwrap(),
+                    ops.copy_out(slot, len).unwrap(),
+                );
+                assert!(
+                    a.allclose(&o, 1e-4, 1e-4, false),
+                    "{quantization:?} slot {slot}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bad_tokens_and_positions_are_errors() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/torchwire-tiny");
+        let opts = LoadOptions {
+            device: Device::Cpu,
+            kind: Kind::Float,
+            max_positions: 16,
+            quantization: Quantization::None,
+        };
+        let model = Llama::load(&dir, opts).unwrap();
+        let mut cache = KvCache::new(
+            model.num_layers(),
+            2,
+            model.kv_heads(),
+            16,
+            model.head_dim(),
+            Device::Cpu,
+            Kind::Float,
+        )
+        .unwrap();
+        let vocab = model.config.vocab_size as u32;
+        assert!(model.decode(&[vocab], &[0], &mut cache).is_err());
+        assert!(model.decode(&[1], &[16], &mut cache).is_err());
+        assert!(model.decode(&[1, 2, 3], &[0, 0, 0], &mut cache).is_err());
+        assert!(model.decode(&[1], &[0, 1], &mut cache).is_err());
+        assert!(model.decode(&[1], &[15], &mut cache).is_ok());
+    }
 }

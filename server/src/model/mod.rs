@@ -1,6 +1,9 @@
 //! The model: a native Llama-family decoder on tch ops, its Hugging Face
 //! checkpoint loader, and device / dtype selection.
 
+mod cpu_attention;
+mod cpu_decode;
+mod cpu_matmul;
 mod cpu_ops;
 mod hf_config;
 mod int8;
@@ -12,8 +15,8 @@ mod rope;
 mod upload;
 mod weights;
 
+pub use cpu_matmul::cpu_path as cpu_kernel_path;
 pub use hf_config::{GenerationConfig, HfConfig};
-pub use int8::cpu_path as int8_cpu_path;
 pub use llama::{Llama, LoadOptions};
 pub use projection::Projection;
 pub use quantization::Quantization;

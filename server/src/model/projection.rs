@@ -1,56 +1,66 @@
-//! Projection weights split by output columns for CPU decoding: a `[in, out]`
-//! matrix kept as `parts` contiguous blocks `[parts, in, out / parts]` and
-//! multiplied with one batched matmul, so each intra-op thread gets a block.
+//! A projection weight as the device multiplies it fastest.
 //!
-//! Why: libtorch's MKL runs `x @ W` with one or a few rows on a single thread
-//! (on AMD CPUs through its generic `sgemv` path): at decode batch 1 the second
-//! thread only spins. The batched form is spread over the threads (1.5-1.9x per
-//! projection on 2 cores; see BENCHMARKS.md, "Against llama.cpp on CPU").
-//!
+//! On the CPU in float32 the weight keeps the checkpoint's `[out, in]` rows:
+//! products of a few rows (every decode step) run on torchwire's own kernel
+//! over libtorch's OpenMP threads (`cpu_matmul`), because MKL runs them on
+//! one thread through a generic path on AMD CPUs (BENCHMARKS.md, "Against
+//! llama.cpp on CPU"); products of many rows (prompts) go to MKL's GEMM. On
+//! GPUs and in half precision the weight is `[in, out]` for a plain matmul.
 //! A projection may instead hold its weight in int8 (`--quantize int8`,
 //! `int8.rs`).
 
 use tch::{Device, Kind, TchError, Tensor};
 
+use super::cpu_matmul::{self, WeightRows};
 use super::int8::Int8Weight;
 
-/// A projection `x @ W` with `W` given as `[in, out]`.
+/// Products with at most this many rows run on torchwire's own CPU kernel;
+/// larger ones (prompts) on MKL's GEMM, which packs the weight and is
+/// compute bound there.
+const KERNEL_MAX_ROWS: i64 = 64;
+
+/// A projection `x @ W` of a checkpoint's `[out, in]` weight `W.T`.
 pub struct Projection {
     repr: Repr,
     out: i64,
 }
 
 enum Repr {
-    /// `weight` is `[in, out]` when `parts == 1`, else `[parts, in, out / parts]`.
-    Dense {
-        weight: Tensor,
-        parts: i64,
-    },
+    /// `[in, out]`, contiguous or a transposed view: a plain matmul (GPUs,
+    /// half precision on the CPU).
+    Dense(Tensor),
+    /// Float32 on the CPU, rows `[out, in]` as the checkpoint has them: few
+    /// rows through `cpu_matmul`, many through MKL.
+    Rows(Tensor),
     Int8(Int8Weight),
 }
 
 impl Projection {
-    /// `weight` is `[in, out]` and contiguous; it is split into `parts` column
-    /// blocks when `parts > 1` divides `out`, else kept whole.
-    pub fn new(weight: Tensor, parts: i64) -> Self {
-        let (rows, out) = (weight.size()[0], weight.size()[1]);
-        if parts <= 1 || out % parts != 0 {
-            return Self {
-                repr: Repr::Dense { weight, parts: 1 },
-                out,
-            };
-        }
-        let blocks = weight
-            .view([rows, parts, out / parts])
-            .permute([1, 0, 2])
-            .contiguous();
-        Self {
-            repr: Repr::Dense {
-                weight: blocks,
-                parts,
-            },
-            out,
-        }
+    /// A checkpoint's `[out, in]` projection weight, as served on its device
+    /// and dtype.
+    pub fn new(weight: &Tensor) -> Self {
+        let out = weight.size()[0];
+        let repr = if weight.device() == Device::Cpu && weight.kind() == Kind::Float {
+            Repr::Rows(weight.contiguous())
+        } else {
+            Repr::Dense(weight.tr().contiguous())
+        };
+        Self { repr, out }
+    }
+
+    /// A head tied to the embedding `[vocab, hidden]`: a view of it, never a
+    /// copy.
+    pub fn tied(embed: &Tensor) -> Self {
+        let out = embed.size()[0];
+        let repr = if embed.device() == Device::Cpu
+            && embed.kind() == Kind::Float
+            && embed.is_contiguous()
+        {
+            Repr::Rows(embed.shallow_clone())
+        } else {
+            Repr::Dense(embed.tr())
+        };
+        Self { repr, out }
     }
 
     /// `weight` as a checkpoint stores it, `[out, in]`, quantized to int8 for
@@ -62,20 +72,10 @@ impl Projection {
         })
     }
 
-    /// The column blocks to use for `threads` intra-op threads of `kind` on
-    /// `device`: one per thread for float32 on CPU (MKL's path), else 1.
-    pub fn parts_for(device: Device, kind: Kind, threads: i64) -> i64 {
-        if device == Device::Cpu && kind == Kind::Float {
-            threads.max(1)
-        } else {
-            1
-        }
-    }
-
     /// The weight's element count.
     pub fn numel(&self) -> usize {
         match &self.repr {
-            Repr::Dense { weight, .. } => weight.numel(),
+            Repr::Dense(weight) | Repr::Rows(weight) => weight.numel(),
             Repr::Int8(w) => w.numel(),
         }
     }
@@ -83,23 +83,41 @@ impl Projection {
     /// Bytes the weight takes.
     pub fn bytes(&self) -> u64 {
         match &self.repr {
-            Repr::Dense { weight, .. } => super::tensor_bytes(weight),
+            Repr::Dense(weight) | Repr::Rows(weight) => super::tensor_bytes(weight),
             Repr::Int8(w) => w.bytes(),
+        }
+    }
+
+    /// Output width.
+    pub fn out_features(&self) -> usize {
+        self.out as usize
+    }
+
+    /// Input width.
+    pub fn in_features(&self) -> usize {
+        self.numel().checked_div(self.out as usize).unwrap_or(0)
+    }
+
+    /// The weight as rows for `cpu_matmul`, where it is float32 or int8 on
+    /// the CPU.
+    pub fn cpu_rows(&self) -> Option<WeightRows<'_>> {
+        match &self.repr {
+            Repr::Dense(_) => None,
+            // SAFETY: a contiguous float32 CPU tensor (checked when made),
+            // borrowed for as long as `self`.
+            Repr::Rows(w) => Some(WeightRows::F32(unsafe {
+                std::slice::from_raw_parts(w.data_ptr() as *const f32, w.numel())
+            })),
+            Repr::Int8(w) => w.cpu_rows(),
         }
     }
 
     /// `x @ W` for `x`: `[M, in]`; returns `[M, out]`.
     pub fn mm(&self, x: &Tensor) -> Result<Tensor, TchError> {
         match &self.repr {
-            Repr::Dense { weight, parts: 1 } => x.f_mm(weight),
-            Repr::Dense { weight, parts } => {
-                let (m, k) = (x.size()[0], x.size()[1]);
-                x.f_unsqueeze(0)?
-                    .f_expand([*parts, m, k], false)?
-                    .f_bmm(weight)?
-                    .f_permute([1, 0, 2])?
-                    .f_reshape([m, self.out])
-            }
+            Repr::Dense(weight) => x.f_mm(weight),
+            Repr::Rows(weight) if x.size()[0] > KERNEL_MAX_ROWS => x.f_mm(&weight.f_tr()?),
+            Repr::Rows(_) => self.kernel(x, None),
             Repr::Int8(w) => w.mm(x),
         }
     }
@@ -107,10 +125,19 @@ impl Projection {
     /// `base + x @ W` (a residual or a bias `base`).
     pub fn addmm(&self, base: &Tensor, x: &Tensor) -> Result<Tensor, TchError> {
         match &self.repr {
-            Repr::Dense { weight, parts: 1 } => base.f_addmm(x, weight),
-            Repr::Dense { .. } => self.mm(x)?.f_add_(base),
+            Repr::Dense(weight) => base.f_addmm(x, weight),
+            Repr::Rows(weight) if x.size()[0] > KERNEL_MAX_ROWS => base.f_addmm(x, &weight.f_tr()?),
+            Repr::Rows(_) => self.kernel(x, Some(base)),
             Repr::Int8(w) => w.addmm(base, x),
         }
+    }
+
+    fn kernel(&self, x: &Tensor, base: Option<&Tensor>) -> Result<Tensor, TchError> {
+        let rows = self
+            .cpu_rows()
+            .ok_or_else(|| TchError::Kind("projection weight is not on the CPU".into()))?;
+        let threads = tch::get_num_threads().max(1) as usize;
+        cpu_matmul::mm(x, rows, self.out as usize, base, threads)
     }
 }
 
@@ -118,35 +145,50 @@ impl Projection {
 mod tests {
     use super::*;
 
+    fn close(a: &Tensor, b: &Tensor) -> bool {
+        a.allclose(b, 1e-4, 1e-4, false)
+    }
+
     #[test]
-    fn split_projection_matches_the_plain_matmul() {
+    fn every_layout_gives_the_plain_matmul() {
         let _guard = tch::no_grad_guard();
-        let w = Tensor::randn([24, 12], (Kind::Float, Device::Cpu));
-        let whole = Projection::new(w.copy(), 1);
-        for parts in [2, 3, 4] {
-            let split = Projection::new(w.copy(), parts);
-            assert!(matches!(split.repr, Repr::Dense { parts: p, .. } if p == parts));
-            for m in [1, 5] {
-                let x = Tensor::randn([m, 24], (Kind::Float, Device::Cpu));
-                let base = Tensor::randn([m, 12], (Kind::Float, Device::Cpu));
-                let a = whole.mm(&x).unwrap();
-                let b = split.mm(&x).unwrap();
-                assert_eq!(b.size(), vec![m, 12]);
-                assert!(a.allclose(&b, 1e-5, 1e-5, false));
-                let c = whole.addmm(&base, &x).unwrap();
-                let d = split.addmm(&base, &x).unwrap();
-                assert!(c.allclose(&d, 1e-5, 1e-5, false));
+        // A checkpoint's [out, in] weight.
+        let w = Tensor::randn([12, 24], (Kind::Float, Device::Cpu));
+        let rows = Projection::new(&w);
+        assert!(matches!(rows.repr, Repr::Rows(_)));
+        assert!(rows.cpu_rows().is_some());
+        let dense = Projection::new(&w.to_kind(Kind::Double));
+        assert!(matches!(dense.repr, Repr::Dense(_)));
+        assert!(dense.cpu_rows().is_none());
+        let tied = Projection::tied(&w);
+        assert_eq!(tied.bytes(), rows.bytes());
+        // Few rows (the kernel) and many (MKL), with and without a base.
+        for m in [1, 5, KERNEL_MAX_ROWS + 3] {
+            let x = Tensor::randn([m, 24], (Kind::Float, Device::Cpu));
+            let base = Tensor::randn([m, 12], (Kind::Float, Device::Cpu));
+            let want = x.mm(&w.tr());
+            for p in [&rows, &tied] {
+                assert_eq!(p.mm(&x).unwrap().size(), vec![m, 12]);
+                assert!(close(&p.mm(&x).unwrap(), &want), "m={m}");
+                assert!(close(&p.addmm(&base, &x).unwrap(), &(&want + &base)));
             }
+            let d = dense.mm(&x.to_kind(Kind::Double)).unwrap();
+            assert!(close(&d.to_kind(Kind::Float), &want));
         }
-        // Parts that do not divide the output width: kept whole.
-        assert!(matches!(
-            Projection::new(w.copy(), 5).repr,
-            Repr::Dense { parts: 1, .. }
-        ));
-        // int8 of the same weight (given as [out, in]): close, not equal.
-        let q = Projection::int8(&w.tr(), Kind::Float, 2).unwrap();
+        // The base is read, not written.
+        let x = Tensor::randn([2, 24], (Kind::Float, Device::Cpu));
+        let base = Tensor::randn([2, 12], (Kind::Float, Device::Cpu));
+        let kept = base.copy();
+        let _ = rows.addmm(&base, &x).unwrap();
+        assert!(base.equal(&kept));
+        // A wrong width is an error, not a crash.
+        assert!(rows
+            .mm(&Tensor::randn([1, 23], (Kind::Float, Device::Cpu)))
+            .is_err());
+        // int8 of the same weight: close, not equal.
+        let q = Projection::int8(&w, Kind::Float, 2).unwrap();
         let x = Tensor::randn([3, 24], (Kind::Float, Device::Cpu));
-        let (a, b) = (whole.mm(&x).unwrap(), q.mm(&x).unwrap());
+        let (a, b) = (rows.mm(&x).unwrap(), q.mm(&x).unwrap());
         assert!((&a - &b).norm().double_value(&[]) < 0.02 * a.norm().double_value(&[]));
     }
 }

@@ -2,25 +2,15 @@
 //! weight stored as int8 with one float scale (`w ≈ scale[n] * q[n, :]`,
 //! `q` in -127..=127), quantized once at load from the checkpoint.
 //!
-//! On the CPU the product runs in `kernel` (int8 widened in registers) on
-//! libtorch's OpenMP threads (`parallel`); on other devices it is
+//! On the CPU the product runs in `cpu_matmul` (int8 widened in registers,
+//! on libtorch's OpenMP threads); on other devices it is
 //! libtorch's `_weight_int8pack_mm` where the device has it, else the
 //! weight is widened to the activations' dtype for each product (memory
 //! saved, speed not).
 
-mod kernel;
-mod parallel;
-
 use tch::{Device, Kind, TchError, Tensor};
 
-use kernel::{Out, Problem};
-
-/// Output channels a thread takes at a time on the CPU (a multiple of the
-/// kernel's tile of 4 weight rows).
-const MIN_CHUNK: usize = 16;
-
-/// Products smaller than this many multiply-adds run on the calling thread.
-const PARALLEL_WORK: usize = 1 << 16;
+use super::cpu_matmul::{self, WeightRows};
 
 /// A `[out, in]` projection in int8.
 pub struct Int8Weight {
@@ -106,9 +96,7 @@ impl Int8Weight {
         }
         match self.backend {
             // The thread governor may have lowered the count since load.
-            Backend::Cpu { threads } => {
-                self.mm_cpu(x, threads.min(tch::get_num_threads().max(1) as usize))
-            }
+            Backend::Cpu { threads } => self.mm_cpu(x, None, threads),
             Backend::Packed => x.f_internal_weight_int8pack_mm(&self.weight, &self.scales),
             Backend::Widened => x
                 .f_mm(&self.weight.f_to_kind(x.kind())?.f_tr()?)?
@@ -118,55 +106,40 @@ impl Int8Weight {
 
     /// `base + x @ W.T` (a residual or a bias `base`).
     pub fn addmm(&self, base: &Tensor, x: &Tensor) -> Result<Tensor, TchError> {
-        self.mm(x)?.f_add_(base)
-    }
-
-    fn mm_cpu(&self, x: &Tensor, threads: usize) -> Result<Tensor, TchError> {
-        let kind = x.kind();
-        let x = x.f_to_kind(Kind::Float)?.f_contiguous()?;
-        let (m, k, n) = (x.size()[0] as usize, self.inner as usize, self.out as usize);
-        let out = Tensor::f_empty([m as i64, n as i64], (Kind::Float, Device::Cpu))?;
-        if m > 0 && n > 0 {
-            // SAFETY: all three tensors are contiguous CPU tensors of the
-            // dtypes and element counts given, alive for this call.
-            let p = unsafe {
-                Problem {
-                    x: std::slice::from_raw_parts(x.data_ptr() as *const f32, m * k),
-                    w: std::slice::from_raw_parts(self.weight.data_ptr() as *const i8, n * k),
-                    scales: std::slice::from_raw_parts(self.scales.data_ptr() as *const f32, n),
-                    m,
-                    k,
-                    n,
-                }
-            };
-            let dst = Out(out.data_ptr() as *mut f32);
-            let threads = if m * n * k < PARALLEL_WORK {
-                1
-            } else {
-                threads
-            };
-            let chunk = n.div_ceil(threads * 4).next_multiple_of(4).max(MIN_CHUNK);
-            parallel::for_each_chunk(n, chunk, threads, &|cols| {
-                // SAFETY: a consistent problem, `out` holds m * n floats, and
-                // for_each_chunk hands out disjoint column ranges.
-                unsafe { kernel::columns(&p, cols, dst) }
-            });
-        }
-        if kind == Kind::Float {
-            Ok(out)
-        } else {
-            out.f_to_kind(kind)
+        match self.backend {
+            Backend::Cpu { threads } => self.mm_cpu(x, Some(base), threads),
+            _ => self.mm(x)?.f_add_(base),
         }
     }
-}
 
-/// What the CPU path runs on, for the start-up log.
-pub fn cpu_path() -> &'static str {
-    match (kernel::vectorized(), parallel::on_openmp()) {
-        (true, true) => "AVX2 kernel on libtorch's OpenMP threads",
-        (true, false) => "AVX2 kernel on scoped threads",
-        (false, true) => "portable kernel on libtorch's OpenMP threads",
-        (false, false) => "portable kernel on scoped threads",
+    /// The weight as rows for `cpu_matmul`, where it lives on the CPU.
+    pub fn cpu_rows(&self) -> Option<WeightRows<'_>> {
+        if !matches!(self.backend, Backend::Cpu { .. }) {
+            return None;
+        }
+        let (n, k) = (self.out as usize, self.inner as usize);
+        // SAFETY: contiguous int8 `[out, in]` and float32 `[out]` CPU
+        // tensors (made so in `quantize`), borrowed for as long as `self`.
+        Some(unsafe {
+            WeightRows::Int8 {
+                w: std::slice::from_raw_parts(self.weight.data_ptr() as *const i8, n * k),
+                scales: std::slice::from_raw_parts(self.scales.data_ptr() as *const f32, n),
+            }
+        })
+    }
+
+    fn mm_cpu(
+        &self,
+        x: &Tensor,
+        base: Option<&Tensor>,
+        threads: usize,
+    ) -> Result<Tensor, TchError> {
+        let rows = self
+            .cpu_rows()
+            .ok_or_else(|| TchError::Kind("int8 weight is not on the CPU".into()))?;
+        // The thread governor may have lowered the count since load.
+        let threads = threads.min(tch::get_num_threads().max(1) as usize);
+        cpu_matmul::mm(x, rows, self.out as usize, base, threads)
     }
 }
 
@@ -207,22 +180,6 @@ mod tests {
     }
 
     #[test]
-    fn big_products_run_in_parallel_and_agree_with_one_thread() {
-        let _guard = tch::no_grad_guard();
-        let w = Tensor::randn([1000, 256], (Kind::Float, Device::Cpu));
-        let x = Tensor::randn([2, 256], (Kind::Float, Device::Cpu));
-        let one = Int8Weight::quantize(&w, Kind::Float, 1)
-            .unwrap()
-            .mm(&x)
-            .unwrap();
-        let two = Int8Weight::quantize(&w, Kind::Float, 2)
-            .unwrap()
-            .mm(&x)
-            .unwrap();
-        assert!(one.equal(&two), "threads changed the result");
-    }
-
-    #[test]
     fn the_tensor_backends_agree_with_the_cpu_kernel() {
         let _guard = tch::no_grad_guard();
         let w = Tensor::randn([64, 32], (Kind::Float, Device::Cpu));
@@ -243,12 +200,5 @@ mod tests {
         let q = Int8Weight::quantize(&w, Kind::Float, 2).unwrap();
         let x = Tensor::randn([1, 15], (Kind::Float, Device::Cpu));
         assert!(q.mm(&x).is_err());
-    }
-
-    #[test]
-    fn libtorch_brings_its_openmp_runtime() {
-        // The kernel would fall back to threads of its own, fighting
-        // libtorch's spinning workers for the cores.
-        assert!(parallel::on_openmp());
     }
 }
