@@ -665,7 +665,7 @@ mod tests {
                 let _ = model.prefill(p, &mut ops, slot, false).unwrap();
             }
             let mut positions: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
-            let mut tokens = vec![20u32, 30, 40];
+            let mut tokens = [20u32, 30, 40];
             for step in 0..8 {
                 // The last steps run one sequence: one position, no mask.
                 let b = if step < 5 { 3 } else { 1 };

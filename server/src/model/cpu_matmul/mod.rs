@@ -82,7 +82,7 @@ impl<'a> Job<'a> {
             && w.len() == n * k
             && w.rows_scaled().is_none_or(|s| s == n)
             && out.len() == m * n;
-        consistent.then(|| Self {
+        consistent.then_some(Self {
             x,
             w,
             m,
