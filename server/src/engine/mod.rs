@@ -324,6 +324,7 @@ fn load(name: &str, config: &ModelConfig) -> Result<Loaded, ServerError> {
         device = %info.device,
         dtype = %info.dtype,
         quantization = %info.quantization,
+        decode_step = model.decode_path(),
         weight_mib = info.weight_bytes as f64 / 1048576.0,
         parameters = info.parameters,
         context = context,

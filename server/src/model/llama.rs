@@ -365,7 +365,7 @@ impl Llama {
     /// Which implementation runs the decode step, for the start-up log.
     pub fn decode_path(&self) -> &'static str {
         if self.cpu_rows().is_some() {
-            "torchwire CPU step"
+            super::cpu_matmul::cpu_path()
         } else {
             "libtorch ops"
         }

@@ -15,7 +15,6 @@ mod rope;
 mod upload;
 mod weights;
 
-pub use cpu_matmul::cpu_path as cpu_kernel_path;
 pub use hf_config::{GenerationConfig, HfConfig};
 pub use llama::{Llama, LoadOptions};
 pub use projection::Projection;
