@@ -1,0 +1,104 @@
+//! The CPU decode step against the tensor-op step on the bundled model.
+
+use super::*;
+
+/// The CPU step and the libtorch-op step, on the bundled model, in float32
+/// and int8: the same logits and the same cache, for sequences at
+/// different positions (a mask in the op step) and at one (none).
+#[test]
+fn the_cpu_step_matches_the_op_step() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/torchwire-tiny");
+    let (slots, context) = (3usize, 48usize);
+    for quantization in [Quantization::None, Quantization::Int8] {
+        let model = Llama::load(
+            &dir,
+            LoadOptions {
+                device: Device::Cpu,
+                kind: Kind::Float,
+                max_positions: context,
+                quantization,
+            },
+        )
+        .unwrap();
+        assert!(model.cpu_rows().is_some());
+        let cache = || {
+            KvCache::new(
+                model.num_layers(),
+                slots,
+                model.kv_heads(),
+                context,
+                model.head_dim(),
+                Device::Cpu,
+                Kind::Float,
+            )
+            .unwrap()
+        };
+        let (mut ours, mut ops) = (cache(), cache());
+        let prompts: [&[u32]; 3] = [&[1, 2, 3, 4, 5], &[7, 8, 9], &[10, 11, 12, 13, 14, 15, 16]];
+        for (slot, p) in prompts.iter().enumerate() {
+            let _ = model.prefill(p, &mut ours, slot, false).unwrap();
+            let _ = model.prefill(p, &mut ops, slot, false).unwrap();
+        }
+        let mut positions: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+        let mut tokens = [20u32, 30, 40];
+        for step in 0..8 {
+            // The last steps run one sequence: one position, no mask.
+            let b = if step < 5 { 3 } else { 1 };
+            let a = model
+                .decode(&tokens[..b], &positions[..b], &mut ours)
+                .unwrap();
+            let o = model
+                .decode_with_ops(&tokens[..b], &positions[..b], &mut ops)
+                .unwrap();
+            assert_eq!(a.size(), o.size());
+            let diff = (&a - &o).abs().max().double_value(&[]);
+            assert!(
+                diff < 1e-3,
+                "{quantization:?} step {step}: logits differ by {diff}"
+            );
+            let next = Vec::<i64>::try_from(a.argmax(-1, false)).unwrap();
+            for (i, t) in next.into_iter().enumerate() {
+                tokens[i] = t as u32;
+                positions[i] += 1;
+            }
+        }
+        for (slot, &len) in positions.iter().enumerate() {
+            let (a, o) = (
+                ours.copy_out(slot, len).unwrap(),
+                ops.copy_out(slot, len).unwrap(),
+            );
+            assert!(
+                a.allclose(&o, 1e-4, 1e-4, false),
+                "{quantization:?} slot {slot}"
+            );
+        }
+    }
+}
+
+#[test]
+fn bad_tokens_and_positions_are_errors() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/torchwire-tiny");
+    let opts = LoadOptions {
+        device: Device::Cpu,
+        kind: Kind::Float,
+        max_positions: 16,
+        quantization: Quantization::None,
+    };
+    let model = Llama::load(&dir, opts).unwrap();
+    let mut cache = KvCache::new(
+        model.num_layers(),
+        2,
+        model.kv_heads(),
+        16,
+        model.head_dim(),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap();
+    let vocab = model.config.vocab_size as u32;
+    assert!(model.decode(&[vocab], &[0], &mut cache).is_err());
+    assert!(model.decode(&[1], &[16], &mut cache).is_err());
+    assert!(model.decode(&[1, 2, 3], &[0, 0, 0], &mut cache).is_err());
+    assert!(model.decode(&[1], &[0, 1], &mut cache).is_err());
+    assert!(model.decode(&[1], &[15], &mut cache).is_ok());
+}
