@@ -68,9 +68,7 @@ impl KvCache {
     /// CPU (the CPU decode step reads and writes them in place).
     pub fn cpu_layer_mut(&mut self, layer: usize) -> Option<(&mut [f32], &mut [f32])> {
         let (keys, values) = (self.keys.get(layer)?, self.values.get(layer)?);
-        let plain =
-            |t: &Tensor| t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous();
-        if !plain(keys) || !plain(values) {
+        if !crate::model::is_cpu_f32(keys) || !crate::model::is_cpu_f32(values) {
             return None;
         }
         // SAFETY: contiguous float32 CPU tensors of numel elements, two

@@ -53,15 +53,6 @@ pub struct ModelRows<'a> {
     pub sin: &'a [f32],
 }
 
-/// A float32 CPU tensor's elements, where it is one (contiguous).
-pub fn floats(t: &Tensor) -> Option<&[f32]> {
-    (t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous()).then(|| {
-        // SAFETY: a contiguous float32 CPU tensor of numel elements,
-        // borrowed for as long as the tensor.
-        unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) }
-    })
-}
-
 /// The step's scratch rows.
 struct Rows {
     h: Vec<f32>,

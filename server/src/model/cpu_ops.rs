@@ -13,8 +13,7 @@ use tch::{Device, Kind, TchError, Tensor};
 /// Rows `[M, H]` of `x` as a float32 CPU slice, when they are one.
 fn rows(x: &Tensor) -> Option<(usize, usize)> {
     let size = x.size();
-    (x.device() == Device::Cpu && x.kind() == Kind::Float && size.len() == 2 && x.is_contiguous())
-        .then(|| (size[0] as usize, size[1] as usize))
+    (size.len() == 2 && super::is_cpu_f32(x)).then(|| (size[0] as usize, size[1] as usize))
 }
 
 /// `x * rsqrt(mean(x^2) + eps) * weight` over the last dimension of `x`

@@ -25,7 +25,7 @@ pub struct Int8Weight {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backend {
-    /// `kernel` on `threads` threads.
+    /// `cpu_matmul` on `threads` threads.
     Cpu { threads: usize },
     /// libtorch's `_weight_int8pack_mm`.
     Packed,

@@ -15,15 +15,15 @@ use std::path::Path;
 
 use tch::{Device, Kind, TchError, Tensor};
 
-use super::cpu_decode::{self, floats, Dims, LayerRows, ModelRows};
+use super::cpu_decode::{self, Dims, LayerRows, ModelRows};
 use super::cpu_ops;
 use super::hf_config::{GenerationConfig, HfConfig};
 use super::projection::Projection;
 use super::quantization::Quantization;
 use super::rope::{self, RopeTables};
-use super::tensor_bytes;
 use super::upload::upload;
 use super::weights::Weights;
+use super::{floats, tensor_bytes};
 use crate::engine::kv_cache::KvCache;
 
 /// How to load a checkpoint.

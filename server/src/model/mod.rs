@@ -23,6 +23,21 @@ pub use upload::upload;
 
 use tch::{Device, Kind};
 
+/// Whether `t` is a contiguous float32 CPU tensor, whose elements are one
+/// plain slice (what the CPU decode step and the fused CPU ops read).
+pub(crate) fn is_cpu_f32(t: &tch::Tensor) -> bool {
+    t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous()
+}
+
+/// A contiguous float32 CPU tensor's elements, where it is one.
+pub(crate) fn floats(t: &tch::Tensor) -> Option<&[f32]> {
+    is_cpu_f32(t).then(|| {
+        // SAFETY: a contiguous float32 CPU tensor of numel elements,
+        // borrowed for as long as the tensor.
+        unsafe { std::slice::from_raw_parts(t.data_ptr() as *const f32, t.numel()) }
+    })
+}
+
 /// Bytes a tensor's elements take.
 fn tensor_bytes(t: &tch::Tensor) -> u64 {
     (t.numel() * t.kind().elt_size_in_bytes()) as u64

@@ -52,10 +52,7 @@ impl Projection {
     /// copy.
     pub fn tied(embed: &Tensor) -> Self {
         let out = embed.size()[0];
-        let repr = if embed.device() == Device::Cpu
-            && embed.kind() == Kind::Float
-            && embed.is_contiguous()
-        {
+        let repr = if super::is_cpu_f32(embed) {
             Repr::Rows(embed.shallow_clone())
         } else {
             Repr::Dense(embed.tr())
@@ -103,11 +100,7 @@ impl Projection {
     pub fn cpu_rows(&self) -> Option<WeightRows<'_>> {
         match &self.repr {
             Repr::Dense(_) => None,
-            // SAFETY: a contiguous float32 CPU tensor (checked when made),
-            // borrowed for as long as `self`.
-            Repr::Rows(w) => Some(WeightRows::F32(unsafe {
-                std::slice::from_raw_parts(w.data_ptr() as *const f32, w.numel())
-            })),
+            Repr::Rows(w) => super::floats(w).map(WeightRows::F32),
             Repr::Int8(w) => w.cpu_rows(),
         }
     }
