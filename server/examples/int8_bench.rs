@@ -1,7 +1,7 @@
 //! Times one projection alone: float32 through MKL (`x @ W`, `W` `[in, out]`),
-//! float32 rows as the server keeps them (torchwire's kernel up to 64 rows,
-//! MKL above), and int8 weights (`--quantize int8`), for the shapes of a
-//! SmolLM-135M-sized decoder:
+//! float32 as the server keeps it (packed panels, torchwire's kernel), and
+//! int8 weights (`--quantize int8`), for the shapes of a SmolLM-135M-sized
+//! decoder:
 //!
 //! ```sh
 //! cargo run --release -p torchwire-server --example int8_bench -- 2 200
@@ -23,7 +23,7 @@ fn main() {
     tch::set_num_threads(threads as i32);
     let _guard = tch::no_grad_guard();
     println!("{threads} threads, {calls} calls a trial, median of 5 trials");
-    println!("in x out, rows: MKL f32 ms (GB/s) | f32 rows ms (GB/s) | int8 ms (GB/s)");
+    println!("in x out, rows: MKL f32 ms (GB/s) | f32 panels ms (GB/s) | int8 ms (GB/s)");
     for (inner, out) in [
         (576, 960),
         (576, 576),
@@ -33,7 +33,7 @@ fn main() {
     ] {
         let w = Tensor::randn([out, inner], (Kind::Float, Device::Cpu));
         let in_out = w.tr().contiguous();
-        let rows = Projection::new(&w);
+        let rows = Projection::new(&w).unwrap();
         let int8 = Projection::int8(&w, Kind::Float, threads).unwrap();
         let bytes = [rows.bytes(), rows.bytes(), int8.bytes()];
         let ways: [&dyn Fn(&Tensor) -> Tensor; 3] =

@@ -8,13 +8,15 @@
 //! model costs more than the arithmetic (BENCHMARKS.md, "Against llama.cpp
 //! on CPU"). Residual adds ride in the projections (`accumulate`). GPUs and
 //! half precision keep the tensor-op step in `llama.rs`; prompts keep it
-//! everywhere (MKL's GEMM is the right tool for many rows).
+//! everywhere (their projections run on the same panel kernel through
+//! `Projection`).
 
 use tch::{Device, Kind, TchError, Tensor};
 
 use super::cpu_attention::{decode_attention, AttentionShape};
 use super::cpu_matmul::{product, WeightRows};
 use super::cpu_ops::{rms_norm_rows, rope_rows, silu_mul_rows};
+use super::embedding::EmbedRows;
 use crate::engine::kv_cache::KvCache;
 
 /// The model's sizes.
@@ -43,8 +45,7 @@ pub struct LayerRows<'a> {
 /// A model's weights, borrowed for one step.
 pub struct ModelRows<'a> {
     pub dims: Dims,
-    /// `[vocab, hidden]`.
-    pub embed: &'a [f32],
+    pub embed: EmbedRows<'a>,
     pub layers: Vec<LayerRows<'a>>,
     pub norm: &'a [f32],
     pub lm_head: WeightRows<'a>,
@@ -111,7 +112,7 @@ pub fn decode(
         act: vec![0.0; b * inter],
     };
     for &t in tokens {
-        r.h.extend_from_slice(&model.embed[t as usize * hidden..][..hidden]);
+        model.embed.push_row(t as usize, hidden, &mut r.h);
     }
     let shape = AttentionShape {
         heads: d.heads,

@@ -17,6 +17,7 @@ use tch::{Device, Kind, TchError, Tensor};
 
 use super::cpu_decode::{self, Dims, LayerRows, ModelRows};
 use super::cpu_ops;
+use super::embedding::Embedding;
 use super::hf_config::{GenerationConfig, HfConfig};
 use super::projection::Projection;
 use super::quantization::Quantization;
@@ -59,7 +60,7 @@ pub struct Llama {
     /// Bytes the weights take on the device (a tied head that is a view of
     /// the embedding counted once).
     pub weight_bytes: u64,
-    embed: Tensor,
+    embed: Embedding,
     layers: Vec<Layer>,
     norm: Tensor,
     lm_head: Projection,
@@ -87,7 +88,9 @@ impl Llama {
         // A checkpoint's `[out, in]` projection weight, as served.
         let proj = |weight: Tensor| -> Result<Projection, String> {
             match opts.quantization {
-                Quantization::None => Ok(Projection::new(&weight)),
+                Quantization::None => {
+                    Projection::new(&weight).map_err(|e| format!("packing a weight: {e}"))
+                }
                 Quantization::Int8 => Projection::int8(&weight, opts.kind, threads)
                     .map_err(|e| format!("quantizing to int8: {e}")),
             }
@@ -151,12 +154,23 @@ impl Llama {
                 count(head.numel());
                 (proj(head)?, false)
             }
-            // Tied: quantized, else a view of the embedding, held once.
+            // Tied: quantized, else the embedding's weight, held once.
             _ if opts.quantization != Quantization::None => (proj(embed.shallow_clone())?, false),
-            _ => (Projection::tied(&embed), true),
+            _ => (
+                Projection::tied(&embed).map_err(|e| format!("packing the head: {e}"))?,
+                true,
+            ),
         };
-        let mut weight_bytes = tensor_bytes(&embed) + tensor_bytes(&norm);
-        if !head_is_embedding {
+        // A tied head packed in panels holds the embedding's rows too.
+        let embed = match lm_head.panels() {
+            Some(panels) if head_is_embedding => Embedding::Panels {
+                panels: panels.shallow_clone(),
+                vocab: embed.size()[0] as usize,
+            },
+            _ => Embedding::Rows(embed),
+        };
+        let mut weight_bytes = embed.own_bytes() + tensor_bytes(&norm);
+        if !head_is_embedding || embed.own_bytes() == 0 {
             weight_bytes += lm_head.bytes();
         }
         for l in &layers {
@@ -316,7 +330,7 @@ impl Llama {
         } else {
             None
         };
-        let mut h = Tensor::f_embedding(&self.embed, &ids, -1, false, false)?;
+        let mut h = self.embed.lookup(&ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let (q, k, v) = self.attention_inputs(layer, &h, n, t, (&positions, &cos, &sin))?;
             cache.write_prompts(i, first_slot, start, &k, &v)?;
@@ -363,11 +377,11 @@ impl Llama {
     }
 
     /// Which implementation runs the decode step, for the start-up log.
-    pub fn decode_path(&self) -> &'static str {
+    pub fn decode_path(&self) -> String {
         if self.cpu_rows().is_some() {
             super::cpu_matmul::cpu_path()
         } else {
-            "libtorch ops"
+            "libtorch ops".into()
         }
     }
 
@@ -405,8 +419,7 @@ impl Llama {
                 })
             })
             .collect::<Option<Vec<_>>>()?;
-        let embed = floats(&self.embed)?;
-        (embed.len() == dims.vocab * dims.hidden).then_some(())?;
+        let embed = self.embed.cpu(dims.vocab, dims.hidden)?;
         Some(ModelRows {
             dims,
             embed,
@@ -454,7 +467,7 @@ impl Llama {
         let rows = cos.size()[0];
         let cos = cos.f_view([rows, 1, 1, self.head_dim])?;
         let sin = sin.f_view([rows, 1, 1, self.head_dim])?;
-        let mut h = Tensor::f_embedding(&self.embed, &ids, -1, false, false)?;
+        let mut h = self.embed.lookup(&ids)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let (q, k, v) = self.attention_inputs(layer, &h, b, 1, (positions, &cos, &sin))?;
             let mask = match &step {

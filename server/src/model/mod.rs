@@ -5,6 +5,7 @@ mod cpu_attention;
 mod cpu_decode;
 mod cpu_matmul;
 mod cpu_ops;
+mod embedding;
 mod hf_config;
 mod int8;
 mod llama;

@@ -1,11 +1,12 @@
 //! A projection weight as the device multiplies it fastest.
 //!
-//! On the CPU in float32 the weight keeps the checkpoint's `[out, in]` rows:
-//! products of a few rows (every decode step) run on torchwire's own kernel
-//! over libtorch's OpenMP threads (`cpu_matmul`), because MKL runs them on
-//! one thread through a generic path on AMD CPUs (BENCHMARKS.md, "Against
-//! llama.cpp on CPU"); products of many rows (prompts) go to MKL's GEMM. On
-//! GPUs and in half precision the weight is `[in, out]` for a plain matmul.
+//! On the CPU in float32 the weight is packed in panels of 16 output channels
+//! (`cpu_matmul/panels.rs`) and every product, a decode step's few rows and
+//! a prompt's many, runs on torchwire's own kernel over libtorch's OpenMP
+//! threads: MKL runs few-row products on one thread through a generic path
+//! on AMD CPUs, and its GEMM was slower than the kernel on prompts there too
+//! (BENCHMARKS.md, "Float32 weights in packed panels"). On GPUs and in half precision the weight
+//! is `[in, out]` for a plain matmul.
 //! A projection may instead hold its weight in int8 (`--quantize int8`,
 //! `int8.rs`).
 
@@ -13,11 +14,6 @@ use tch::{Device, Kind, TchError, Tensor};
 
 use super::cpu_matmul::{self, WeightRows};
 use super::int8::Int8Weight;
-
-/// Products with at most this many rows run on torchwire's own CPU kernel;
-/// larger ones (prompts) on MKL's GEMM, which packs the weight and is
-/// compute bound there.
-const KERNEL_MAX_ROWS: i64 = 64;
 
 /// A projection `x @ W` of a checkpoint's `[out, in]` weight `W.T`.
 pub struct Projection {
@@ -29,35 +25,51 @@ enum Repr {
     /// `[in, out]`, contiguous or a transposed view: a plain matmul (GPUs,
     /// half precision on the CPU).
     Dense(Tensor),
-    /// Float32 on the CPU, rows `[out, in]` as the checkpoint has them: few
-    /// rows through `cpu_matmul`, many through MKL.
-    Rows(Tensor),
+    /// Float32 on the CPU, packed `[ceil(out/16), in, 16]` for `cpu_matmul`.
+    Panels {
+        panels: Tensor,
+        inner: usize,
+    },
     Int8(Int8Weight),
 }
 
 impl Projection {
     /// A checkpoint's `[out, in]` projection weight, as served on its device
     /// and dtype.
-    pub fn new(weight: &Tensor) -> Self {
-        let out = weight.size()[0];
+    pub fn new(weight: &Tensor) -> Result<Self, TchError> {
+        let size = weight.size();
+        let out = size[0];
         let repr = if weight.device() == Device::Cpu && weight.kind() == Kind::Float {
-            Repr::Rows(weight.contiguous())
+            Repr::Panels {
+                panels: cpu_matmul::pack(weight)?,
+                inner: size.get(1).copied().unwrap_or(0) as usize,
+            }
         } else {
-            Repr::Dense(weight.tr().contiguous())
+            Repr::Dense(weight.f_tr()?.f_contiguous()?)
         };
-        Self { repr, out }
+        Ok(Self { repr, out })
     }
 
-    /// A head tied to the embedding `[vocab, hidden]`: a view of it, never a
-    /// copy.
-    pub fn tied(embed: &Tensor) -> Self {
-        let out = embed.size()[0];
-        let repr = if super::is_cpu_f32(embed) {
-            Repr::Rows(embed.shallow_clone())
-        } else {
-            Repr::Dense(embed.tr())
-        };
-        Self { repr, out }
+    /// A head tied to the embedding `[vocab, hidden]`: a view of it on GPUs
+    /// and in half precision; packed panels on the CPU in float32, which
+    /// the embedding then reads its rows from (`embedding.rs`), so the
+    /// weight is still held once.
+    pub fn tied(embed: &Tensor) -> Result<Self, TchError> {
+        if super::is_cpu_f32(embed) {
+            return Self::new(embed);
+        }
+        Ok(Self {
+            out: embed.size()[0],
+            repr: Repr::Dense(embed.f_tr()?),
+        })
+    }
+
+    /// The packed panels, where the weight is float32 on the CPU.
+    pub fn panels(&self) -> Option<&Tensor> {
+        match &self.repr {
+            Repr::Panels { panels, .. } => Some(panels),
+            _ => None,
+        }
     }
 
     /// `weight` as a checkpoint stores it, `[out, in]`, quantized to int8 for
@@ -72,15 +84,18 @@ impl Projection {
     /// The weight's element count.
     pub fn numel(&self) -> usize {
         match &self.repr {
-            Repr::Dense(weight) | Repr::Rows(weight) => weight.numel(),
+            Repr::Dense(weight) => weight.numel(),
+            Repr::Panels { inner, .. } => self.out as usize * inner,
             Repr::Int8(w) => w.numel(),
         }
     }
 
-    /// Bytes the weight takes.
+    /// Bytes the weight takes (with a packed weight's padding).
     pub fn bytes(&self) -> u64 {
         match &self.repr {
-            Repr::Dense(weight) | Repr::Rows(weight) => super::tensor_bytes(weight),
+            Repr::Dense(weight) | Repr::Panels { panels: weight, .. } => {
+                super::tensor_bytes(weight)
+            }
             Repr::Int8(w) => w.bytes(),
         }
     }
@@ -100,7 +115,7 @@ impl Projection {
     pub fn cpu_rows(&self) -> Option<WeightRows<'_>> {
         match &self.repr {
             Repr::Dense(_) => None,
-            Repr::Rows(w) => super::floats(w).map(WeightRows::F32),
+            Repr::Panels { panels, .. } => super::floats(panels).map(WeightRows::F32Panels),
             Repr::Int8(w) => w.cpu_rows(),
         }
     }
@@ -109,8 +124,7 @@ impl Projection {
     pub fn mm(&self, x: &Tensor) -> Result<Tensor, TchError> {
         match &self.repr {
             Repr::Dense(weight) => x.f_mm(weight),
-            Repr::Rows(weight) if x.size()[0] > KERNEL_MAX_ROWS => x.f_mm(&weight.f_tr()?),
-            Repr::Rows(_) => self.kernel(x, None),
+            Repr::Panels { .. } => self.kernel(x, None),
             Repr::Int8(w) => w.mm(x),
         }
     }
@@ -119,8 +133,7 @@ impl Projection {
     pub fn addmm(&self, base: &Tensor, x: &Tensor) -> Result<Tensor, TchError> {
         match &self.repr {
             Repr::Dense(weight) => base.f_addmm(x, weight),
-            Repr::Rows(weight) if x.size()[0] > KERNEL_MAX_ROWS => base.f_addmm(x, &weight.f_tr()?),
-            Repr::Rows(_) => self.kernel(x, Some(base)),
+            Repr::Panels { .. } => self.kernel(x, Some(base)),
             Repr::Int8(w) => w.addmm(base, x),
         }
     }
@@ -145,23 +158,26 @@ mod tests {
     #[test]
     fn every_layout_gives_the_plain_matmul() {
         let _guard = tch::no_grad_guard();
-        // A checkpoint's [out, in] weight.
-        let w = Tensor::randn([12, 24], (Kind::Float, Device::Cpu));
-        let rows = Projection::new(&w);
-        assert!(matches!(rows.repr, Repr::Rows(_)));
-        assert!(rows.cpu_rows().is_some());
-        let dense = Projection::new(&w.to_kind(Kind::Double));
+        // A checkpoint's [out, in] weight, its last panel partly padding.
+        let w = Tensor::randn([37, 24], (Kind::Float, Device::Cpu));
+        let packed = Projection::new(&w).unwrap();
+        assert!(matches!(packed.repr, Repr::Panels { .. }));
+        assert!(packed.cpu_rows().is_some());
+        assert_eq!((packed.out_features(), packed.in_features()), (37, 24));
+        assert_eq!(packed.numel(), 37 * 24);
+        assert_eq!(packed.bytes(), 48 * 24 * 4, "three panels of 16");
+        let dense = Projection::new(&w.to_kind(Kind::Double)).unwrap();
         assert!(matches!(dense.repr, Repr::Dense(_)));
         assert!(dense.cpu_rows().is_none());
-        let tied = Projection::tied(&w);
-        assert_eq!(tied.bytes(), rows.bytes());
-        // Few rows (the kernel) and many (MKL), with and without a base.
-        for m in [1, 5, KERNEL_MAX_ROWS + 3] {
+        let tied = Projection::tied(&w).unwrap();
+        assert_eq!(tied.bytes(), packed.bytes());
+        // A decode step's rows and a prompt's, with and without a base.
+        for m in [1, 5, 7, 13, 16, 70] {
             let x = Tensor::randn([m, 24], (Kind::Float, Device::Cpu));
-            let base = Tensor::randn([m, 12], (Kind::Float, Device::Cpu));
+            let base = Tensor::randn([m, 37], (Kind::Float, Device::Cpu));
             let want = x.mm(&w.tr());
-            for p in [&rows, &tied] {
-                assert_eq!(p.mm(&x).unwrap().size(), vec![m, 12]);
+            for p in [&packed, &tied] {
+                assert_eq!(p.mm(&x).unwrap().size(), vec![m, 37]);
                 assert!(close(&p.mm(&x).unwrap(), &want), "m={m}");
                 assert!(close(&p.addmm(&base, &x).unwrap(), &(&want + &base)));
             }
@@ -170,18 +186,24 @@ mod tests {
         }
         // The base is read, not written.
         let x = Tensor::randn([2, 24], (Kind::Float, Device::Cpu));
-        let base = Tensor::randn([2, 12], (Kind::Float, Device::Cpu));
+        let base = Tensor::randn([2, 37], (Kind::Float, Device::Cpu));
         let kept = base.copy();
-        let _ = rows.addmm(&base, &x).unwrap();
+        let _ = packed.addmm(&base, &x).unwrap();
         assert!(base.equal(&kept));
         // A wrong width is an error, not a crash.
-        assert!(rows
+        assert!(packed
             .mm(&Tensor::randn([1, 23], (Kind::Float, Device::Cpu)))
             .is_err());
         // int8 of the same weight: close, not equal.
         let q = Projection::int8(&w, Kind::Float, 2).unwrap();
         let x = Tensor::randn([3, 24], (Kind::Float, Device::Cpu));
-        let (a, b) = (rows.mm(&x).unwrap(), q.mm(&x).unwrap());
+        let (a, b) = (packed.mm(&x).unwrap(), q.mm(&x).unwrap());
         assert!((&a - &b).norm().double_value(&[]) < 0.02 * a.norm().double_value(&[]));
+    }
+
+    #[test]
+    fn a_weight_that_is_not_a_matrix_is_an_error() {
+        let w = Tensor::randn([4, 3, 2], (Kind::Float, Device::Cpu));
+        assert!(Projection::new(&w).is_err());
     }
 }

@@ -1,9 +1,10 @@
-//! The tiles of a few-row product on the CPU:
-//! `out[m, n] (+)= scale[n] * sum_k x[m, k] * w[n, k]` for float32 `x`
-//! `[M, K]` and weight rows `w` `[N, K]` of float32 or int8 (one scale per
-//! int8 row). Weights are read once per tile of 4 rows and used for 2 rows
-//! of `x` at a time (AVX2 + FMA where the CPU has them, a portable loop
-//! elsewhere); int8 is widened to float32 in registers.
+//! The dispatch of a few-row product on the CPU, and its tiles for int8
+//! weight rows: `out[m, n] (+)= scale[n] * sum_k x[m, k] * w[n, k]` for
+//! float32 `x` `[M, K]` and int8 rows `w` `[N, K]` with one scale per row.
+//! Weights are read once per tile of 4 rows and used for 2 rows of `x` at a
+//! time (AVX2 + FMA where the CPU has them, a portable loop elsewhere),
+//! widened to float32 in registers. Float32 weights are packed in panels
+//! (`panels.rs`).
 
 use std::ops::Range;
 
@@ -21,7 +22,7 @@ pub unsafe fn columns(job: &Job, cols: Range<usize>) {
         // SAFETY: the CPU has AVX2 and FMA; the caller upholds the rest.
         unsafe {
             match job.w {
-                WeightRows::F32(w) => avx2::f32_rows::columns(job, w.as_ptr(), None, cols),
+                WeightRows::F32Panels(w) => super::panels::columns(job, w, cols),
                 WeightRows::Int8 { w, scales } => {
                     avx2::i8_rows::columns(job, w.as_ptr(), Some(scales), cols)
                 }
@@ -61,7 +62,7 @@ pub unsafe fn columns_portable(job: &Job, cols: Range<usize>) {
     // SAFETY: upheld by the caller.
     unsafe {
         match job.w {
-            WeightRows::F32(w) => portable_rows(job, w, None, cols),
+            WeightRows::F32Panels(w) => super::panels::columns_portable(job, w, cols),
             WeightRows::Int8 { w, scales } => portable_rows(job, w, Some(scales), cols),
         }
     }
@@ -110,13 +111,6 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn load_i8(w: *const i8) -> __m256 {
         _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(w as *const __m128i)))
-    }
-
-    /// Eight float32 weights at `w`.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn load_f32(w: *const f32) -> __m256 {
-        _mm256_loadu_ps(w)
     }
 
     #[inline]
@@ -292,15 +286,27 @@ mod avx2 {
         };
     }
 
-    tiles!(f32_rows, f32, load_f32);
     tiles!(i8_rows, i8, load_i8);
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::PANEL;
     use super::*;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
+
+    /// `w` `[n, k]` packed in panels, as `panels::pack` packs a tensor.
+    fn pack_slice(w: &[f32], n: usize, k: usize) -> Vec<f32> {
+        let mut out = vec![0.0; n.div_ceil(PANEL) * k * PANEL];
+        for (row, w) in w.chunks_exact(k).enumerate() {
+            let (p, c) = (row / PANEL, row % PANEL);
+            for (i, &v) in w.iter().enumerate() {
+                out[(p * k + i) * PANEL + c] = v;
+            }
+        }
+        out
+    }
 
     fn reference(x: &[f32], w: &[f64], scales: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
         let mut out = vec![0.0; m * n];
@@ -325,12 +331,18 @@ mod tests {
             (16, 64, 12),
             (1, 7, 3),
             (4, 1, 6),
+            (7, 9, 17),
+            (13, 33, 37),
+            (20, 24, 33),
+            // More rows than a block of the panel kernel takes at this width.
+            (70, 4096, 20),
         ] {
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
             let wq: Vec<i8> = (0..n * k).map(|_| rng.random_range(-127..=127)).collect();
             let wf: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1.0..1.0)).collect();
             let scales: Vec<f32> = (0..n).map(|_| rng.random_range(0.001..0.1)).collect();
             let base: Vec<f32> = (0..m * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let packed = pack_slice(&wf, n, k);
             let cases = [
                 (
                     WeightRows::Int8 {
@@ -347,7 +359,7 @@ mod tests {
                     ),
                 ),
                 (
-                    WeightRows::F32(&wf),
+                    WeightRows::F32Panels(&packed),
                     reference(
                         &x,
                         &wf.iter().map(|&v| f64::from(v)).collect::<Vec<_>>(),
@@ -359,6 +371,12 @@ mod tests {
                 ),
             ];
             for (w, want) in cases {
+                // Where two threads would split the columns: anywhere for
+                // rows, at a whole panel for panels.
+                let half = match w {
+                    WeightRows::F32Panels(_) => n / 2 / PANEL * PANEL,
+                    _ => n / 2,
+                };
                 for accumulate in [false, true] {
                     let mut split = if accumulate {
                         base.clone()
@@ -370,8 +388,8 @@ mod tests {
                     unsafe {
                         // Two column ranges, as two threads would take them.
                         let job = Job::new(&x, w, m, k, n, &mut split, accumulate).unwrap();
-                        columns(&job, 0..n / 2);
-                        columns(&job, n / 2..n);
+                        columns(&job, 0..half);
+                        columns(&job, half..n);
                         let job = Job::new(&x, w, m, k, n, &mut portable, accumulate).unwrap();
                         columns_portable(&job, 0..n);
                     }
@@ -382,7 +400,9 @@ mod tests {
                             } else {
                                 *w
                             };
-                            let tol = 1e-4 * (1.0 + w.abs());
+                            // Rounding error grows like the square root of
+                            // the terms summed.
+                            let tol = 1e-4 * (1.0 + w.abs()) * (k as f64 / 64.0).sqrt().max(1.0);
                             assert!(
                                 (f64::from(*g) - w).abs() <= tol,
                                 "{label} kernel, m={m} k={k} n={n} acc={accumulate}: got {g}, want {w}"

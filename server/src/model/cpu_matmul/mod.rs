@@ -1,54 +1,59 @@
-//! Few-row matrix products on the CPU, the decode step's projections:
-//! `out (+)= x @ W.T` for float32 activations `x` `[M, K]` and a weight kept
-//! as rows `[N, K]` (the checkpoint's `[out, in]` layout) in float32 or int8.
+//! Matrix products on the CPU, the projections of the decode step and of
+//! prompts: `out (+)= x @ W.T` for float32 activations `x` `[M, K]` and a
+//! weight of `N` output channels, float32 packed in panels of 16 channels
+//! (`panels`) or int8 rows `[N, K]` (`kernel`).
 //!
 //! At decode batch sizes a projection is bound by memory bandwidth: the whole
 //! weight streams through once per step. libtorch's MKL runs such products on
-//! one thread through a generic path on AMD CPUs (BENCHMARKS.md), so torchwire
+//! one thread through a generic path on AMD CPUs, and its GEMM was slower
+//! than the panel kernel on prompts there too (BENCHMARKS.md), so torchwire
 //! has its own: the output columns are split over libtorch's own OpenMP
-//! threads (`parallel`), each thread streams its weight rows through tiles
-//! that prefetch the next rows (`kernel`). The product can add into `out` (a
-//! residual) instead of overwriting it, which saves an op and a pass.
+//! threads (`parallel`), each thread streams its weights front to back. The
+//! product can add into `out` (a residual) instead of overwriting it, which
+//! saves an op and a pass.
 
 mod kernel;
+mod panels;
 mod parallel;
 
 use tch::{Device, Kind, TchError, Tensor};
 
 pub use kernel::vectorized;
+pub use panels::{pack, panel_count, unpack_row, PANEL};
 pub use parallel::{for_each_chunk, on_openmp};
 
-/// Output channels a thread takes at a time (a multiple of the kernel's tile
-/// of 4 weight rows).
+/// Output channels a thread takes at a time at least (a panel of 16, and a
+/// multiple of the int8 kernel's tile of 4 weight rows).
 const MIN_CHUNK: usize = 16;
 
 /// Products smaller than this many multiply-adds run on the calling thread.
 const PARALLEL_WORK: usize = 1 << 16;
 
-/// A weight as rows `[N, K]`.
+/// A weight as the kernel reads it: float32 packed in panels, or int8 rows.
 #[derive(Clone, Copy)]
 pub enum WeightRows<'a> {
-    F32(&'a [f32]),
+    /// `[ceil(N/16), K, 16]`, see [`pack`].
+    F32Panels(&'a [f32]),
     /// `w[n, k] ≈ scales[n] * q[n, k]`.
-    Int8 {
-        w: &'a [i8],
-        scales: &'a [f32],
-    },
+    Int8 { w: &'a [i8], scales: &'a [f32] },
 }
 
 impl WeightRows<'_> {
-    fn len(&self) -> usize {
+    /// The elements a weight of `n` rows of `k` must have.
+    fn fits(&self, n: usize, k: usize) -> bool {
         match self {
-            Self::F32(w) => w.len(),
-            Self::Int8 { w, .. } => w.len(),
+            Self::F32Panels(w) => w.len() == panel_count(n) * k * PANEL,
+            Self::Int8 { w, scales } => w.len() == n * k && scales.len() == n,
         }
     }
 
-    fn rows_scaled(&self) -> Option<usize> {
-        match self {
-            Self::F32(_) => None,
-            Self::Int8 { scales, .. } => Some(scales.len()),
-        }
+    /// The input width of a weight of `n` rows.
+    fn width(&self, n: usize) -> usize {
+        let (len, rows) = match self {
+            Self::F32Panels(w) => (w.len(), panel_count(n) * PANEL),
+            Self::Int8 { w, .. } => (w.len(), n),
+        };
+        len.checked_div(rows).unwrap_or(0)
     }
 }
 
@@ -78,10 +83,7 @@ impl<'a> Job<'a> {
         out: &'a mut [f32],
         accumulate: bool,
     ) -> Option<Self> {
-        let consistent = x.len() == m * k
-            && w.len() == n * k
-            && w.rows_scaled().is_none_or(|s| s == n)
-            && out.len() == m * n;
+        let consistent = x.len() == m * k && w.fits(n, k) && out.len() == m * n;
         consistent.then_some(Self {
             x,
             w,
@@ -121,7 +123,7 @@ impl<'a> Job<'a> {
         let chunk = self
             .n
             .div_ceil(threads * 4)
-            .next_multiple_of(4)
+            .next_multiple_of(MIN_CHUNK)
             .max(MIN_CHUNK);
         for_each_chunk(self.n, chunk, threads, &|cols| {
             // SAFETY: the job was checked at construction and
@@ -161,7 +163,7 @@ pub fn mm(
     threads: usize,
 ) -> Result<Tensor, TchError> {
     let size = x.size();
-    let k = w.len().checked_div(n).unwrap_or(0);
+    let k = w.width(n);
     if size.len() != 2 || size[1] as usize != k || x.device() != Device::Cpu {
         return Err(TchError::Shape(format!(
             "CPU projection of [{n}, {k}] given input {size:?} on {:?}",
@@ -186,8 +188,7 @@ pub fn mm(
     };
     if !product(xs, w, (m, k, n), outs, base.is_some(), threads) {
         return Err(TchError::Shape(format!(
-            "CPU projection of [{n}, {k}]: weight of {} elements",
-            w.len()
+            "CPU projection of [{n}, {k}]: the weight does not fit"
         )));
     }
     if kind == Kind::Float {
@@ -198,13 +199,17 @@ pub fn mm(
 }
 
 /// What the CPU products run on, for the start-up log.
-pub fn cpu_path() -> &'static str {
-    match (vectorized(), on_openmp()) {
-        (true, true) => "AVX2 kernel on libtorch's OpenMP threads",
-        (true, false) => "AVX2 kernel on scoped threads",
-        (false, true) => "portable kernel on libtorch's OpenMP threads",
-        (false, false) => "portable kernel on scoped threads",
-    }
+pub fn cpu_path() -> String {
+    let threads = if on_openmp() {
+        "libtorch's OpenMP threads"
+    } else {
+        "scoped threads"
+    };
+    let int8 = if vectorized() { "AVX2" } else { "portable" };
+    format!(
+        "float32 panels on {} tiles, int8 rows on {int8} tiles, on {threads}",
+        panels::isa()
+    )
 }
 
 #[cfg(test)]
@@ -215,12 +220,14 @@ mod tests {
     fn big_products_run_in_parallel_and_agree_with_one_thread() {
         let (m, k, n) = (3, 256, 1000);
         let x: Vec<f32> = (0..m * k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| ((i * 5) % 11) as f32 * 0.1).collect();
+        let w: Vec<f32> = (0..panel_count(n) * k * PANEL)
+            .map(|i| ((i * 5) % 11) as f32 * 0.1)
+            .collect();
         let mut one = vec![0.0; m * n];
         let mut two = vec![0.0; m * n];
         assert!(product(
             &x,
-            WeightRows::F32(&w),
+            WeightRows::F32Panels(&w),
             (m, k, n),
             &mut one,
             false,
@@ -228,7 +235,7 @@ mod tests {
         ));
         assert!(product(
             &x,
-            WeightRows::F32(&w),
+            WeightRows::F32Panels(&w),
             (m, k, n),
             &mut two,
             false,
@@ -240,11 +247,12 @@ mod tests {
     #[test]
     fn sizes_that_disagree_are_refused() {
         let x = vec![0.0; 2 * 8];
-        let w = vec![0.0; 4 * 8];
+        // One panel of width 8: four channels and twelve of padding.
+        let w = vec![0.0; PANEL * 8];
         let mut out = vec![0.0; 2 * 4];
         assert!(!product(
             &x,
-            WeightRows::F32(&w),
+            WeightRows::F32Panels(&w),
             (2, 8, 5),
             &mut out,
             false,
@@ -252,9 +260,19 @@ mod tests {
         ));
         assert!(!product(
             &x,
-            WeightRows::F32(&w),
+            WeightRows::F32Panels(&w),
             (2, 7, 4),
             &mut out,
+            false,
+            1
+        ));
+        // 20 channels take two panels.
+        let mut wide = vec![0.0; 2 * 20];
+        assert!(!product(
+            &x,
+            WeightRows::F32Panels(&w),
+            (2, 8, 20),
+            &mut wide,
             false,
             1
         ));

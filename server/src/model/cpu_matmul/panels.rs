@@ -1,0 +1,353 @@
+//! Float32 weights packed in panels, and the product over them.
+//!
+//! A panel holds 16 consecutive weight rows (output channels) interleaved by
+//! input index: `panel[p][k][c] = w[16 p + c, k]`, so the whole weight is one
+//! contiguous `[N/16, K, 16]` block (the last panel padded with zero rows).
+//! The product is an outer product per input index: each `x[m, k]` is
+//! broadcast and multiplied into the 16 channels of the panel's row `k`,
+//! accumulating in registers, no horizontal sums. Two things follow, both
+//! measured (BENCHMARKS.md, "Float32 weights in packed panels"):
+//! - a thread reads its weights front to back as one stream, which the
+//!   hardware prefetchers follow to the memory bandwidth (four rows read
+//!   side by side, the row kernel's tile, reached about three quarters of
+//!   it);
+//! - up to six rows of `x` share each weight load with no reduction at the
+//!   end, so a batch of rows runs near the FMA peak instead of being bound
+//!   by loads (the row kernel's tile does a load per FMA and a half).
+
+use std::ops::Range;
+
+use tch::{Kind, TchError, Tensor};
+
+use super::Job;
+
+/// Weight rows a panel holds.
+pub const PANEL: usize = 16;
+
+/// Rows of `x` a block covers: enough that every panel is used many times
+/// while it is in cache, few enough that the block stays in L2.
+const BLOCK_BYTES: usize = 256 << 10;
+
+/// Panels for `n` weight rows.
+pub fn panel_count(n: usize) -> usize {
+    n.div_ceil(PANEL)
+}
+
+/// Packs a float32 `[N, K]` weight into `[ceil(N/16), K, 16]` panels.
+pub fn pack(weight: &Tensor) -> Result<Tensor, TchError> {
+    let size = weight.size();
+    if size.len() != 2 || weight.kind() != Kind::Float {
+        return Err(TchError::Shape(format!(
+            "panels of a {:?} {size:?} weight: want float32 [out, in]",
+            weight.kind()
+        )));
+    }
+    let (n, k) = (size[0], size[1]);
+    let panels = panel_count(n as usize) as i64;
+    let pad = panels * PANEL as i64 - n;
+    let padded = if pad > 0 {
+        weight.f_constant_pad_nd([0, 0, 0, pad])?
+    } else {
+        weight.shallow_clone()
+    };
+    padded
+        .f_view([panels, PANEL as i64, k])?
+        .f_transpose(1, 2)?
+        .f_contiguous()
+}
+
+/// Row `row` of the weight packed in `panels` (`k` wide) into `out`.
+pub fn unpack_row(panels: &[f32], k: usize, row: usize, out: &mut [f32]) {
+    let (p, c) = (row / PANEL, row % PANEL);
+    let panel = &panels[p * k * PANEL..][..k * PANEL];
+    for (o, w) in out[..k].iter_mut().zip(panel.chunks_exact(PANEL)) {
+        *o = w[c];
+    }
+}
+
+/// The tile sets, fastest first where the CPU has them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Tiles {
+    /// 6 rows to a tile, two 256-bit registers per panel row.
+    Avx2,
+    /// Plain Rust (CPUs without AVX2; the reference the others are tested
+    /// against).
+    Portable,
+}
+
+impl Tiles {
+    fn best() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::sync::OnceLock;
+            static BEST: OnceLock<Tiles> = OnceLock::new();
+            *BEST.get_or_init(|| {
+                if super::kernel::has_avx2_fma() {
+                    Tiles::Avx2
+                } else {
+                    Tiles::Portable
+                }
+            })
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        Tiles::Portable
+    }
+}
+
+/// The vector tiles in use, for the start-up log.
+pub fn isa() -> &'static str {
+    match Tiles::best() {
+        Tiles::Avx2 => "AVX2",
+        Tiles::Portable => "portable",
+    }
+}
+
+/// Output columns `cols` of `job`, whose weight is `panels`.
+///
+/// # Safety
+/// As for `kernel::columns`; `cols.start` a multiple of [`PANEL`] and
+/// `panels` holds `ceil(job.n / 16) * job.k * 16` elements.
+pub unsafe fn columns(job: &Job, panels: &[f32], cols: Range<usize>) {
+    // SAFETY: upheld by the caller; `best` only names tiles the CPU runs.
+    unsafe { columns_with(Tiles::best(), job, panels, cols) }
+}
+
+/// [`columns`] in plain Rust.
+///
+/// # Safety
+/// As for [`columns`].
+pub unsafe fn columns_portable(job: &Job, panels: &[f32], cols: Range<usize>) {
+    // SAFETY: upheld by the caller.
+    unsafe { columns_with(Tiles::Portable, job, panels, cols) }
+}
+
+/// [`columns`] on `tiles`.
+///
+/// # Safety
+/// As for [`columns`], and the CPU runs `tiles`.
+unsafe fn columns_with(tiles: Tiles, job: &Job, panels: &[f32], cols: Range<usize>) {
+    let w = panels.as_ptr();
+    for_blocks(job, cols, |range, rows| match tiles {
+        // SAFETY: upheld by the caller.
+        #[cfg(target_arch = "x86_64")]
+        Tiles::Avx2 => unsafe { avx2::block(job, w, range, rows) },
+        _ => portable_block(job, panels, range, rows),
+    });
+}
+
+/// Calls `body` with the panels of `cols` and each block of `x` rows.
+fn for_blocks(job: &Job, cols: Range<usize>, mut body: impl FnMut(Range<usize>, Range<usize>)) {
+    debug_assert!(cols.start.is_multiple_of(PANEL) && cols.end <= job.n);
+    let range = cols.start / PANEL..cols.end.div_ceil(PANEL);
+    let block = ((BLOCK_BYTES / (job.k * 4).max(1)) / 6 * 6).max(6);
+    let mut m0 = 0;
+    while m0 < job.m {
+        let rows = m0..(m0 + block).min(job.m);
+        body(range.clone(), rows.clone());
+        m0 = rows.end;
+    }
+}
+
+/// Panels `range` against `x` rows `rows`, one row and panel at a time.
+fn portable_block(job: &Job, panels: &[f32], range: Range<usize>, rows: Range<usize>) {
+    let k = job.k;
+    for p in range {
+        let panel = &panels[p * k * PANEL..][..k * PANEL];
+        let width = PANEL.min(job.n - p * PANEL);
+        for m in rows.clone() {
+            let x = &job.x[m * k..][..k];
+            let mut acc = [0f32; PANEL];
+            for (xi, w) in x.iter().zip(panel.chunks_exact(PANEL)) {
+                for (a, w) in acc.iter_mut().zip(w) {
+                    *a += xi * w;
+                }
+            }
+            for (c, &v) in acc[..width].iter().enumerate() {
+                // SAFETY: (m, column) inside the output; the columns are ours.
+                unsafe { job.store(m, p * PANEL + c, v) };
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+// Raw SIMD loads at offsets within the panel and the `x` rows that `Job::new`
+// and the block loop establish.
+#[allow(unsafe_op_in_unsafe_fn)]
+mod avx2 {
+    use std::arch::x86_64::*;
+    use std::ops::Range;
+
+    use super::{Job, PANEL};
+
+    /// Panels `range` against `x` rows `rows`: for each panel, six rows at
+    /// a time while there are six, then four, two, one. The first tile of a
+    /// panel reads it from memory, the others from cache.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn block(
+        job: &Job,
+        panels: *const f32,
+        range: Range<usize>,
+        rows: Range<usize>,
+    ) {
+        let k = job.k;
+        for p in range {
+            let panel = panels.add(p * k * PANEL);
+            let mut m = rows.start;
+            while m < rows.end {
+                let left = rows.end - m;
+                m += if left >= 6 {
+                    tile::<6>(job, panel, m, p)
+                } else if left >= 4 {
+                    tile::<4>(job, panel, m, p)
+                } else if left >= 2 {
+                    tile::<2>(job, panel, m, p)
+                } else {
+                    let [lo, hi] = single(job, panel, m);
+                    store(job, m, p, lo, hi);
+                    1
+                };
+            }
+        }
+    }
+
+    /// `MR` rows of `x` from row `m` against panel `p` (at `panel`), stored:
+    /// `2 * MR` accumulators of 8 channels, each weight load used `MR`
+    /// times. Returns `MR`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn tile<const MR: usize>(job: &Job, panel: *const f32, m: usize, p: usize) -> usize {
+        let k = job.k;
+        let x = job.x.as_ptr().add(m * k);
+        let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+        for i in 0..k {
+            let w = panel.add(i * PANEL);
+            let (w0, w1) = (_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8)));
+            for (r, acc) in acc.iter_mut().enumerate() {
+                let xb = _mm256_broadcast_ss(&*x.add(r * k + i));
+                acc[0] = _mm256_fmadd_ps(xb, w0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(xb, w1, acc[1]);
+            }
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            store(job, m + r, p, acc[0], acc[1]);
+        }
+        MR
+    }
+
+    /// One row of `x` (the batch-1 decode step): four input indices at a
+    /// time into their own accumulators, so the FMA latency chains do not
+    /// hold back the stream of weights.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn single(job: &Job, panel: *const f32, m: usize) -> [__m256; 2] {
+        let k = job.k;
+        let x = job.x.as_ptr().add(m * k);
+        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+        let mut i = 0;
+        while i + 4 <= k {
+            let w = panel.add(i * PANEL);
+            for (j, acc) in acc.iter_mut().enumerate() {
+                let xb = _mm256_broadcast_ss(&*x.add(i + j));
+                acc[0] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w.add(j * PANEL)), acc[0]);
+                acc[1] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w.add(j * PANEL + 8)), acc[1]);
+            }
+            i += 4;
+        }
+        while i < k {
+            let w = panel.add(i * PANEL);
+            let xb = _mm256_broadcast_ss(&*x.add(i));
+            acc[0][0] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w), acc[0][0]);
+            acc[0][1] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w.add(8)), acc[0][1]);
+            i += 1;
+        }
+        let sum = |h: usize| {
+            _mm256_add_ps(
+                _mm256_add_ps(acc[0][h], acc[1][h]),
+                _mm256_add_ps(acc[2][h], acc[3][h]),
+            )
+        };
+        [sum(0), sum(1)]
+    }
+
+    /// Writes (or adds) the 16 channels of panel `p` for row `m`, fewer
+    /// where the last panel is padding.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store(job: &Job, m: usize, p: usize, lo: __m256, hi: __m256) {
+        let mut lanes = [0f32; PANEL];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
+        _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
+        let width = PANEL.min(job.n - p * PANEL);
+        for (c, &v) in lanes[..width].iter().enumerate() {
+            job.store(m, p * PANEL + c, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    #[test]
+    fn every_tile_set_the_cpu_has_agrees_with_the_portable_loop() {
+        let mut sets = vec![Tiles::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if super::super::kernel::has_avx2_fma() {
+                sets.push(Tiles::Avx2);
+            }
+        }
+        let mut rng = StdRng::seed_from_u64(5);
+        // Every row count a tile takes, and blocks of rows past one.
+        let shapes = (1..=20)
+            .map(|m| (m, 40, 37))
+            .chain([(33, 9, 16), (100, 1536, 20), (3, 1, 5)]);
+        for (m, k, n) in shapes {
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let panels: Vec<f32> = (0..panel_count(n) * k * PANEL)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let want = {
+                let mut out = vec![0.0; m * n];
+                let job = Job::new(
+                    &x,
+                    super::super::WeightRows::F32Panels(&panels),
+                    m,
+                    k,
+                    n,
+                    &mut out,
+                    false,
+                )
+                .unwrap();
+                // SAFETY: a consistent job on one thread.
+                unsafe { columns_with(Tiles::Portable, &job, &panels, 0..n) };
+                out
+            };
+            for &tiles in &sets {
+                let mut got = vec![1.0; m * n];
+                let job = Job::new(
+                    &x,
+                    super::super::WeightRows::F32Panels(&panels),
+                    m,
+                    k,
+                    n,
+                    &mut got,
+                    true,
+                )
+                .unwrap();
+                // SAFETY: as above; the CPU runs `tiles`.
+                unsafe { columns_with(tiles, &job, &panels, 0..n) };
+                for (g, w) in got.iter().zip(&want) {
+                    let tol = 1e-4 * (1.0 + w.abs()) * (k as f32 / 64.0).sqrt().max(1.0);
+                    assert!(
+                        (g - 1.0 - w).abs() <= tol,
+                        "{tiles:?} m={m} k={k} n={n}: {g} - 1 against {w}"
+                    );
+                }
+            }
+        }
+    }
+}
