@@ -1,9 +1,12 @@
 //! Decode attention on the CPU, read in place from the float32 KV cache:
 //! for each sequence `b` and query head `h`, the scores of its one new
 //! query against keys `0..=positions[b]` of its slot, a softmax, and the
-//! weighted sum of the values. Query heads of a group read their shared KV
-//! head; the (sequence, head) pairs are spread over libtorch's OpenMP
-//! threads. The scale is in the query already (folded into q's weights).
+//! weighted sum of the values. The query heads of a group are taken
+//! together, so each key and value row is read once for all of them (GQA);
+//! the (sequence, KV head) tasks are spread over libtorch's OpenMP threads,
+//! or (sequence, query head) tasks where there are too few of those to keep
+//! the threads busy. The scale is in the query already (folded into q's
+//! weights).
 
 use std::cell::RefCell;
 
@@ -52,67 +55,84 @@ pub fn decode_attention(
         context,
     } = shape;
     let group = heads / kv_heads.max(1);
-    let pairs = positions.len() * heads;
     let work: usize = positions.iter().map(|p| (p + 1) * heads * d).sum();
     let threads = if work < PARALLEL_WORK { 1 } else { threads };
+    // Query heads a task takes: a whole group where there are tasks enough.
+    let span = if positions.len() * kv_heads >= 4 * threads {
+        group.max(1)
+    } else {
+        1
+    };
+    let tasks = positions.len() * heads / span;
     let dst = Out(out.as_mut_ptr());
     debug_assert_eq!(out.len(), positions.len() * heads * d);
-    for_each_chunk(pairs, 1, threads, &|range| {
+    for_each_chunk(tasks, 1, threads, &|range| {
         let dst = &dst;
         SCORES.with_borrow_mut(|scores| {
-            for pair in range {
-                let (b, h) = (pair / heads, pair % heads);
+            for task in range {
+                // Heads h..h + span of sequence b, all in one group.
+                let first = task * span;
+                let (b, h) = (first / heads, first % heads);
                 let len = positions[b] + 1;
-                let q = &qkv[b * qkv_width + h * d..][..d];
+                let q = &qkv[b * qkv_width + h * d..][..span * d];
                 let base = (b * kv_heads + h / group) * context * d;
                 let (k, v) = (&keys[base..][..len * d], &values[base..][..len * d]);
-                // SAFETY: pair (b, h) owns out[b, h * d..(h + 1) * d].
-                let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(pair * d), d) };
-                attend(q, k, v, scores, o);
+                // SAFETY: the task owns out[b, h * d..(h + span) * d].
+                let o = unsafe { std::slice::from_raw_parts_mut(dst.0.add(first * d), span * d) };
+                attend(d, q, k, v, scores, o);
             }
         });
     });
 }
 
-/// One query against `k`/`v` rows of `q.len()` floats.
-fn attend(q: &[f32], k: &[f32], v: &[f32], scores: &mut Vec<f32>, out: &mut [f32]) {
+/// The queries `q` (`d` floats each) against the same `k`/`v` rows of `d`.
+fn attend(d: usize, q: &[f32], k: &[f32], v: &[f32], scores: &mut Vec<f32>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if vectorized() {
         // SAFETY: the CPU has AVX2 and FMA.
-        return unsafe { attend_avx2(q, k, v, scores, out) };
+        return unsafe { attend_avx2(d, q, k, v, scores, out) };
     }
-    attend_body(q, k, v, scores, out)
+    attend_body(d, q, k, v, scores, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn attend_avx2(q: &[f32], k: &[f32], v: &[f32], scores: &mut Vec<f32>, out: &mut [f32]) {
-    attend_body(q, k, v, scores, out)
+fn attend_avx2(d: usize, q: &[f32], k: &[f32], v: &[f32], scores: &mut Vec<f32>, out: &mut [f32]) {
+    attend_body(d, q, k, v, scores, out)
 }
 
 /// Written so that the compiler vectorizes it for the features of the
-/// function it is inlined into.
+/// function it is inlined into. `scores` holds each query's scores in turn.
 #[inline(always)]
-fn attend_body(q: &[f32], k: &[f32], v: &[f32], scores: &mut Vec<f32>, out: &mut [f32]) {
-    let d = q.len().max(1);
+fn attend_body(d: usize, q: &[f32], k: &[f32], v: &[f32], scores: &mut Vec<f32>, out: &mut [f32]) {
+    let d = d.max(1);
+    let len = k.len() / d;
     scores.clear();
-    let mut max = f32::NEG_INFINITY;
-    for key in k.chunks_exact(d) {
-        let s = dot(q, key);
-        max = max.max(s);
-        scores.push(s);
+    scores.resize(q.len() / d * len, 0.0);
+    for (t, key) in k.chunks_exact(d).enumerate() {
+        for (j, q) in q.chunks_exact(d).enumerate() {
+            scores[j * len + t] = dot(q, key);
+        }
     }
-    let mut sum = 0.0;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
+    for row in scores.chunks_exact_mut(len.max(1)) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for s in row.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        let inv = 1.0 / sum;
+        for s in row.iter_mut() {
+            *s *= inv;
+        }
     }
-    let inv = 1.0 / sum;
     out.fill(0.0);
-    for (value, &s) in v.chunks_exact(d).zip(scores.iter()) {
-        let p = s * inv;
-        for (o, x) in out.iter_mut().zip(value) {
-            *o += p * x;
+    for (t, value) in v.chunks_exact(d).enumerate() {
+        for (j, out) in out.chunks_exact_mut(d).enumerate() {
+            let p = scores[j * len + t];
+            for (o, x) in out.iter_mut().zip(value) {
+                *o += p * x;
+            }
         }
     }
 }
@@ -155,15 +175,18 @@ mod tests {
         let qkv = Tensor::randn([b as i64, width as i64], opts);
         let cache = [b as i64, 2, 20, d];
         let (keys, values) = (Tensor::randn(cache, opts), Tensor::randn(cache, opts));
-        let positions = [0usize, 7, 19];
+        let all = [0usize, 7, 19];
         let slice = |t: &Tensor| -> Vec<f32> { Vec::<f32>::try_from(t.flatten(0, -1)).unwrap() };
-        for threads in [1, 2] {
-            let mut out = vec![f32::NAN; b * shape.heads * shape.head_dim];
+        // Three sequences take a group of query heads a task, one sequence
+        // a query head a task (too few tasks otherwise).
+        for (batch, threads) in [(3, 1), (3, 2), (1, 1), (1, 2)] {
+            let positions = &all[..batch];
+            let mut out = vec![f32::NAN; batch * shape.heads * shape.head_dim];
             decode_attention(
-                &slice(&qkv),
+                &slice(&qkv)[..batch * width],
                 width,
                 (&slice(&keys), &slice(&values)),
-                &positions,
+                positions,
                 shape,
                 &mut out,
                 threads,
@@ -180,7 +203,7 @@ mod tests {
                     let got = Tensor::from_slice(&out[start..start + shape.head_dim]);
                     assert!(
                         got.allclose(&want, 1e-5, 1e-5, false),
-                        "row {row} head {h} threads {threads}"
+                        "row {row} head {h} batch {batch} threads {threads}"
                     );
                 }
             }
