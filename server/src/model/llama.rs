@@ -169,8 +169,9 @@ impl Llama {
             },
             _ => Embedding::Rows(embed),
         };
+        // The head counts unless it is a view of the embedding's rows.
         let mut weight_bytes = embed.own_bytes() + tensor_bytes(&norm);
-        if !head_is_embedding || embed.own_bytes() == 0 {
+        if !(head_is_embedding && matches!(embed, Embedding::Rows(_))) {
             weight_bytes += lm_head.bytes();
         }
         for l in &layers {
@@ -377,11 +378,11 @@ impl Llama {
     }
 
     /// Which implementation runs the decode step, for the start-up log.
-    pub fn decode_path(&self) -> String {
+    pub fn decode_path(&self) -> &'static str {
         if self.cpu_rows().is_some() {
             super::cpu_matmul::cpu_path()
         } else {
-            "libtorch ops".into()
+            "libtorch ops"
         }
     }
 

@@ -5,8 +5,8 @@
 //! a prompt's many, runs on torchwire's own kernel over libtorch's OpenMP
 //! threads: MKL runs few-row products on one thread through a generic path
 //! on AMD CPUs, and its GEMM was slower than the kernel on prompts there too
-//! (BENCHMARKS.md, "Float32 weights in packed panels"). On GPUs and in half precision the weight
-//! is `[in, out]` for a plain matmul.
+//! (BENCHMARKS.md, "Float32 weights in packed panels"). On GPUs and in half
+//! precision the weight is `[in, out]` for a plain matmul.
 //! A projection may instead hold its weight in int8 (`--quantize int8`,
 //! `int8.rs`).
 

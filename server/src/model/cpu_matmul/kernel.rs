@@ -17,17 +17,14 @@ use super::{Job, WeightRows};
 /// `0..job.n`, and concurrent calls must use disjoint `cols`.
 pub unsafe fn columns(job: &Job, cols: Range<usize>) {
     debug_assert!(cols.end <= job.n);
+    if let WeightRows::F32Panels(w) = job.w {
+        // SAFETY: upheld by the caller; the panels pick their own tiles.
+        return unsafe { super::panels::columns(job, w, cols) };
+    }
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
+    if let (true, WeightRows::Int8 { w, scales }) = (has_avx2_fma(), job.w) {
         // SAFETY: the CPU has AVX2 and FMA; the caller upholds the rest.
-        unsafe {
-            match job.w {
-                WeightRows::F32Panels(w) => super::panels::columns(job, w, cols),
-                WeightRows::Int8 { w, scales } => {
-                    avx2::i8_rows::columns(job, w.as_ptr(), Some(scales), cols)
-                }
-            }
-        };
+        unsafe { avx2::i8_rows::columns(job, w.as_ptr(), Some(scales), cols) };
         return;
     }
     // SAFETY: upheld by the caller.

@@ -199,17 +199,13 @@ pub fn mm(
 }
 
 /// What the CPU products run on, for the start-up log.
-pub fn cpu_path() -> String {
-    let threads = if on_openmp() {
-        "libtorch's OpenMP threads"
-    } else {
-        "scoped threads"
-    };
-    let int8 = if vectorized() { "AVX2" } else { "portable" };
-    format!(
-        "float32 panels on {} tiles, int8 rows on {int8} tiles, on {threads}",
-        panels::isa()
-    )
+pub fn cpu_path() -> &'static str {
+    match (vectorized(), on_openmp()) {
+        (true, true) => "AVX2 kernels on libtorch's OpenMP threads",
+        (true, false) => "AVX2 kernels on scoped threads",
+        (false, true) => "portable kernels on libtorch's OpenMP threads",
+        (false, false) => "portable kernels on scoped threads",
+    }
 }
 
 #[cfg(test)]

@@ -77,28 +77,11 @@ enum Tiles {
 
 impl Tiles {
     fn best() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::sync::OnceLock;
-            static BEST: OnceLock<Tiles> = OnceLock::new();
-            *BEST.get_or_init(|| {
-                if super::kernel::has_avx2_fma() {
-                    Tiles::Avx2
-                } else {
-                    Tiles::Portable
-                }
-            })
+        if super::kernel::vectorized() {
+            Tiles::Avx2
+        } else {
+            Tiles::Portable
         }
-        #[cfg(not(target_arch = "x86_64"))]
-        Tiles::Portable
-    }
-}
-
-/// The vector tiles in use, for the start-up log.
-pub fn isa() -> &'static str {
-    match Tiles::best() {
-        Tiles::Avx2 => "AVX2",
-        Tiles::Portable => "portable",
     }
 }
 
@@ -294,11 +277,8 @@ mod tests {
     #[test]
     fn every_tile_set_the_cpu_has_agrees_with_the_portable_loop() {
         let mut sets = vec![Tiles::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if super::super::kernel::has_avx2_fma() {
-                sets.push(Tiles::Avx2);
-            }
+        if super::super::kernel::vectorized() {
+            sets.push(Tiles::Avx2);
         }
         let mut rng = StdRng::seed_from_u64(5);
         // Every row count a tile takes, and blocks of rows past one.
@@ -310,36 +290,18 @@ mod tests {
             let panels: Vec<f32> = (0..panel_count(n) * k * PANEL)
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
-            let want = {
-                let mut out = vec![0.0; m * n];
-                let job = Job::new(
-                    &x,
-                    super::super::WeightRows::F32Panels(&panels),
-                    m,
-                    k,
-                    n,
-                    &mut out,
-                    false,
-                )
-                .unwrap();
-                // SAFETY: a consistent job on one thread.
-                unsafe { columns_with(Tiles::Portable, &job, &panels, 0..n) };
-                out
+            // The product on `tiles` into `out`, added where `accumulate`.
+            let run = |tiles, out: &mut [f32], accumulate| {
+                let w = super::super::WeightRows::F32Panels(&panels);
+                let job = Job::new(&x, w, m, k, n, out, accumulate).unwrap();
+                // SAFETY: a consistent job on one thread; the CPU runs `tiles`.
+                unsafe { columns_with(tiles, &job, &panels, 0..n) };
             };
+            let mut want = vec![0.0; m * n];
+            run(Tiles::Portable, &mut want, false);
             for &tiles in &sets {
                 let mut got = vec![1.0; m * n];
-                let job = Job::new(
-                    &x,
-                    super::super::WeightRows::F32Panels(&panels),
-                    m,
-                    k,
-                    n,
-                    &mut got,
-                    true,
-                )
-                .unwrap();
-                // SAFETY: as above; the CPU runs `tiles`.
-                unsafe { columns_with(tiles, &job, &panels, 0..n) };
+                run(tiles, &mut got, true);
                 for (g, w) in got.iter().zip(&want) {
                     let tol = 1e-4 * (1.0 + w.abs()) * (k as f32 / 64.0).sqrt().max(1.0);
                     assert!(
