@@ -63,22 +63,31 @@ impl KvCache {
         self.keys.first().map_or(0, |k| k.size()[2] as usize)
     }
 
-    /// Layer `layer`'s keys and values as float32 slices laid out `[max_batch,
-    /// kv_heads, max_context, head_dim]`, where the cache is float32 on the
-    /// CPU (the CPU decode step reads and writes them in place).
-    pub fn cpu_layer_mut(&mut self, layer: usize) -> Option<(&mut [f32], &mut [f32])> {
-        let (keys, values) = (self.keys.get(layer)?, self.values.get(layer)?);
-        if !crate::model::is_cpu_f32(keys) || !crate::model::is_cpu_f32(values) {
+    /// Every layer's keys and values as float32 slices laid out
+    /// `[max_batch, kv_heads, max_context, head_dim]`, where the cache is
+    /// float32 on the CPU (the CPU decode step reads and writes them in
+    /// place, all layers in one parallel region).
+    pub fn cpu_layers_mut(&mut self) -> Option<Vec<(&mut [f32], &mut [f32])>> {
+        let all_f32 = self
+            .keys
+            .iter()
+            .chain(&self.values)
+            .all(crate::model::is_cpu_f32);
+        if !all_f32 {
             return None;
         }
-        // SAFETY: contiguous float32 CPU tensors of numel elements, two
-        // distinct allocations, borrowed mutably through `&mut self`.
-        Some(unsafe {
-            (
-                std::slice::from_raw_parts_mut(keys.data_ptr() as *mut f32, keys.numel()),
-                std::slice::from_raw_parts_mut(values.data_ptr() as *mut f32, values.numel()),
-            )
-        })
+        let slice = |t: &Tensor| {
+            // SAFETY: contiguous float32 CPU tensors of numel elements, each
+            // its own allocation, borrowed mutably through `&mut self`.
+            unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel()) }
+        };
+        Some(
+            self.keys
+                .iter()
+                .zip(&self.values)
+                .map(|(k, v)| (slice(k), slice(v)))
+                .collect(),
+        )
     }
 
     /// Stores the keys and values of N prompts (`[N, kv_heads, T, head_dim]`)

@@ -10,7 +10,7 @@
 
 use std::cell::RefCell;
 
-use super::cpu_matmul::{for_each_chunk, vectorized};
+use super::cpu_matmul::{vectorized, Chunks};
 
 /// Below this many multiply-adds a step's attention runs on one thread.
 const PARALLEL_WORK: usize = 1 << 14;
@@ -25,9 +25,9 @@ pub struct AttentionShape {
     pub context: usize,
 }
 
-/// Where the pairs write: `[B, heads * head_dim]`, disjoint per pair.
+/// Where the tasks write: `[B, heads * head_dim]`, disjoint per task.
 struct Out(*mut f32);
-// SAFETY: every (sequence, head) pair writes only its own head_dim floats.
+// SAFETY: every task writes only its own heads' floats.
 unsafe impl Sync for Out {}
 
 thread_local! {
@@ -37,16 +37,20 @@ thread_local! {
 /// Attention of row `b`'s query (heads `0..heads` of `qkv`'s row `b`,
 /// `qkv_width` floats a row) over slot `b` of `keys`/`values` (`[slots,
 /// kv_heads, context, head_dim]`), positions `0..=positions[b]`, into `out`
-/// (`[B, heads * head_dim]`). Callers check that positions fit the context
-/// and the slices their shapes.
-pub fn decode_attention(
+/// (`[B, heads * head_dim]`), in tasks over `on`'s threads. Callers check
+/// that positions fit the context and the slices their shapes.
+///
+/// # Safety
+/// `out` points to `B * heads * head_dim` floats that nothing else reads or
+/// writes while this runs (on a team: in this loop).
+pub unsafe fn decode_attention(
     qkv: &[f32],
     qkv_width: usize,
     (keys, values): (&[f32], &[f32]),
     positions: &[usize],
     shape: AttentionShape,
-    out: &mut [f32],
-    threads: usize,
+    out: *mut f32,
+    on: &dyn Chunks,
 ) {
     let AttentionShape {
         heads,
@@ -56,7 +60,11 @@ pub fn decode_attention(
     } = shape;
     let group = heads / kv_heads.max(1);
     let work: usize = positions.iter().map(|p| (p + 1) * heads * d).sum();
-    let threads = if work < PARALLEL_WORK { 1 } else { threads };
+    let threads = if work < PARALLEL_WORK {
+        1
+    } else {
+        on.threads()
+    };
     // Query heads a task takes: a whole group where there are tasks enough.
     let span = if positions.len() * kv_heads >= 4 * threads {
         group.max(1)
@@ -64,9 +72,9 @@ pub fn decode_attention(
         1
     };
     let tasks = positions.len() * heads / span;
-    let dst = Out(out.as_mut_ptr());
-    debug_assert_eq!(out.len(), positions.len() * heads * d);
-    for_each_chunk(tasks, 1, threads, &|range| {
+    let chunk = if threads == 1 { tasks } else { 1 };
+    let dst = Out(out);
+    on.for_each_chunk(tasks, chunk, &|range| {
         let dst = &dst;
         SCORES.with_borrow_mut(|scores| {
             for task in range {
@@ -158,6 +166,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::cpu_matmul::Regions;
     use tch::{Device, Kind, Tensor};
 
     #[test]
@@ -182,15 +191,18 @@ mod tests {
         for (batch, threads) in [(3, 1), (3, 2), (1, 1), (1, 2)] {
             let positions = &all[..batch];
             let mut out = vec![f32::NAN; batch * shape.heads * shape.head_dim];
-            decode_attention(
-                &slice(&qkv)[..batch * width],
-                width,
-                (&slice(&keys), &slice(&values)),
-                positions,
-                shape,
-                &mut out,
-                threads,
-            );
+            // SAFETY: `out` holds batch * heads * head_dim floats.
+            unsafe {
+                decode_attention(
+                    &slice(&qkv)[..batch * width],
+                    width,
+                    (&slice(&keys), &slice(&values)),
+                    positions,
+                    shape,
+                    out.as_mut_ptr(),
+                    &Regions(threads),
+                )
+            };
             for (row, &p) in positions.iter().enumerate() {
                 let len = p as i64 + 1;
                 for h in 0..shape.heads as i64 {

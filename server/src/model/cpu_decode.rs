@@ -11,10 +11,12 @@
 //! everywhere (their projections run on the same panel kernel through
 //! `Projection`).
 
+use std::ops::Range;
+
 use tch::{Device, Kind, TchError, Tensor};
 
 use super::cpu_attention::{decode_attention, AttentionShape};
-use super::cpu_matmul::{product, WeightRows};
+use super::cpu_matmul::{run_team, Chunks, Job, Member, WeightRows};
 use super::cpu_ops::{rms_norm_rows, rope_rows, silu_mul_rows};
 use super::embedding::EmbedRows;
 use crate::engine::kv_cache::KvCache;
@@ -54,20 +56,73 @@ pub struct ModelRows<'a> {
     pub sin: &'a [f32],
 }
 
-/// The step's scratch rows.
+/// A float buffer the members of the step's team share. Between two
+/// barriers each part of it is either only read or written by one member.
+#[derive(Clone, Copy)]
+struct Shared {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: members touch a `Shared` only as its methods' contracts allow.
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    fn of(buffer: &mut [f32]) -> Self {
+        Self {
+            ptr: buffer.as_mut_ptr(),
+            len: buffer.len(),
+        }
+    }
+
+    /// The whole buffer.
+    ///
+    /// # Safety
+    /// No member writes any of it until the next barrier.
+    unsafe fn read(&self) -> &[f32] {
+        // SAFETY: a live buffer of `len` floats, per the caller unwritten.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// Floats `range` of the buffer.
+    ///
+    /// # Safety
+    /// No other member reads or writes any of `range` until the next barrier.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn part(&self, range: Range<usize>) -> &mut [f32] {
+        assert!(range.start <= range.end && range.end <= self.len);
+        // SAFETY: inside the buffer (checked), owned by the caller.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
+    }
+}
+
+/// The step's scratch rows, shared by the team.
+#[derive(Clone, Copy)]
 struct Rows {
-    h: Vec<f32>,
-    x: Vec<f32>,
-    qkv: Vec<f32>,
-    attn: Vec<f32>,
-    gate_up: Vec<f32>,
-    act: Vec<f32>,
+    h: Shared,
+    x: Shared,
+    qkv: Shared,
+    attn: Shared,
+    gate_up: Shared,
+    act: Shared,
+    logits: Shared,
+}
+
+/// What a step needs besides the weights.
+struct Step<'a> {
+    model: &'a ModelRows<'a>,
+    positions: &'a [usize],
+    rows: Rows,
+    /// Each layer's keys and values.
+    cache: Vec<(Shared, Shared)>,
+    shape: AttentionShape,
 }
 
 /// One decode step for the sequences in slots `0..B`: `tokens[b]` is fed at
 /// position `positions[b]`, its keys and values stored there, and it
 /// attends to positions `0..=positions[b]` of its slot. Returns float32
-/// logits `[B, vocab]`.
+/// logits `[B, vocab]`. The whole step is one parallel region on libtorch's
+/// threads (`cpu_matmul::run_team`).
 pub fn decode(
     model: &ModelRows,
     tokens: &[u32],
@@ -99,109 +154,219 @@ pub fn decode(
             d.vocab
         )));
     }
-    let threads = tch::get_num_threads().max(1) as usize;
-    let (hidden, inter) = (d.hidden, d.intermediate);
-    let attn_width = d.heads * d.head_dim;
-    let qkv_width = attn_width + 2 * d.kv_heads * d.head_dim;
-    let mut r = Rows {
-        h: Vec::with_capacity(b * hidden),
-        x: vec![0.0; b * hidden],
-        qkv: vec![0.0; b * qkv_width],
-        attn: vec![0.0; b * attn_width],
-        gate_up: vec![0.0; b * 2 * inter],
-        act: vec![0.0; b * inter],
-    };
-    for &t in tokens {
-        model.embed.push_row(t as usize, hidden, &mut r.h);
-    }
+    check_weights(model)?;
     let shape = AttentionShape {
         heads: d.heads,
         kv_heads: d.kv_heads,
         head_dim: d.head_dim,
         context,
     };
-    let project = |x: &[f32], w: WeightRows, (k, n): (usize, usize), out: &mut [f32], add| {
-        if product(x, w, (b, k, n), out, add, threads) {
-            Ok(())
-        } else {
-            Err(TchError::Shape(format!(
-                "CPU decode: a [{n}, {k}] projection does not fit its weight"
-            )))
-        }
-    };
-    for (i, layer) in model.layers.iter().enumerate() {
-        rms_norm_rows(&r.h, layer.input_norm, d.eps, &mut r.x);
-        project(&r.x, layer.qkv, (hidden, qkv_width), &mut r.qkv, false)?;
-        if let Some(bias) = layer.qkv_bias {
-            for row in r.qkv.chunks_exact_mut(qkv_width) {
-                row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
-            }
-        }
-        rope_rows(
-            &mut r.qkv,
-            qkv_width,
-            d.heads + d.kv_heads,
-            d.head_dim,
-            positions,
-            (model.cos, model.sin),
-        );
-        let (keys, values) = cache
-            .cpu_layer_mut(i)
-            .ok_or_else(|| TchError::Kind("the KV cache is not float32 on the CPU".into()))?;
-        store_kv(
-            &r.qkv,
-            qkv_width,
-            positions,
-            shape,
-            (&mut *keys, &mut *values),
-        );
-        decode_attention(
-            &r.qkv,
-            qkv_width,
-            (&*keys, &*values),
-            positions,
-            shape,
-            &mut r.attn,
-            threads,
-        );
-        project(&r.attn, layer.o, (attn_width, hidden), &mut r.h, true)?;
-        rms_norm_rows(&r.h, layer.post_norm, d.eps, &mut r.x);
-        project(
-            &r.x,
-            layer.gate_up,
-            (hidden, 2 * inter),
-            &mut r.gate_up,
-            false,
-        )?;
-        silu_mul_rows(&r.gate_up, inter, &mut r.act);
-        project(&r.act, layer.down, (inter, hidden), &mut r.h, true)?;
+    let slot_floats = d.kv_heads * context * d.head_dim;
+    let layers = cache
+        .cpu_layers_mut()
+        .filter(|layers| {
+            layers.len() == model.layers.len()
+                && layers
+                    .iter()
+                    .all(|(k, v)| k.len() >= b * slot_floats && v.len() >= b * slot_floats)
+        })
+        .ok_or_else(|| TchError::Kind("the KV cache is not float32 on the CPU".into()))?;
+    let (hidden, inter) = (d.hidden, d.intermediate);
+    let qkv_width = (d.heads + 2 * d.kv_heads) * d.head_dim;
+    let mut h = Vec::with_capacity(b * hidden);
+    for &t in tokens {
+        model.embed.push_row(t as usize, hidden, &mut h);
     }
-    rms_norm_rows(&r.h, model.norm, d.eps, &mut r.x);
+    let mut x = vec![0.0; b * hidden];
+    let mut qkv = vec![0.0; b * qkv_width];
+    let mut attn = vec![0.0; b * d.heads * d.head_dim];
+    let mut gate_up = vec![0.0; b * 2 * inter];
+    let mut act = vec![0.0; b * inter];
     let logits = Tensor::f_empty([b as i64, d.vocab as i64], (Kind::Float, Device::Cpu))?;
     // SAFETY: a fresh contiguous float32 CPU tensor of b * vocab elements.
     let out = unsafe { std::slice::from_raw_parts_mut(logits.data_ptr() as *mut f32, b * d.vocab) };
-    project(&r.x, model.lm_head, (hidden, d.vocab), out, false)?;
+    let step = Step {
+        model,
+        positions,
+        rows: Rows {
+            h: Shared::of(&mut h),
+            x: Shared::of(&mut x),
+            qkv: Shared::of(&mut qkv),
+            attn: Shared::of(&mut attn),
+            gate_up: Shared::of(&mut gate_up),
+            act: Shared::of(&mut act),
+            logits: Shared::of(out),
+        },
+        cache: layers
+            .into_iter()
+            .map(|(k, v)| (Shared::of(k), Shared::of(v)))
+            .collect(),
+        shape,
+    };
+    let threads = tch::get_num_threads().max(1) as usize;
+    run_team(threads, &|member| run_step(member, &step));
     Ok(logits)
 }
 
-/// Copies row `b`'s new keys and values (after the query heads in `qkv`)
-/// into slot `b` at `positions[b]`.
+/// Every projection's weight against the sizes the step gives it, so that
+/// nothing inside the parallel region can fail.
+fn check_weights(model: &ModelRows) -> Result<(), TchError> {
+    let d = model.dims;
+    let attn_width = d.heads * d.head_dim;
+    let qkv_width = attn_width + 2 * d.kv_heads * d.head_dim;
+    let fits = model.layers.iter().all(|l| {
+        l.qkv.fits(qkv_width, d.hidden)
+            && l.o.fits(d.hidden, attn_width)
+            && l.gate_up.fits(2 * d.intermediate, d.hidden)
+            && l.down.fits(d.hidden, d.intermediate)
+            && l.input_norm.len() == d.hidden
+            && l.post_norm.len() == d.hidden
+            && l.qkv_bias.is_none_or(|bias| bias.len() == qkv_width)
+    }) && model.lm_head.fits(d.vocab, d.hidden)
+        && model.norm.len() == d.hidden
+        && d.head_dim.is_multiple_of(2);
+    if fits {
+        Ok(())
+    } else {
+        Err(TchError::Shape(
+            "CPU decode: a weight does not fit the model's sizes".into(),
+        ))
+    }
+}
+
+/// What every member of the team runs: each loop's work shared out, a
+/// barrier between loops (in `for_each_chunk`).
+fn run_step(m: &Member, s: &Step) {
+    let d = s.model.dims;
+    let b = s.positions.len();
+    let r = s.rows;
+    let (hidden, inter) = (d.hidden, d.intermediate);
+    let attn_width = d.heads * d.head_dim;
+    let qkv_width = attn_width + 2 * d.kv_heads * d.head_dim;
+    // Each loop below reads buffers no member writes in it and writes
+    // disjoint rows or columns of one other; every member ends each loop at
+    // the same barrier.
+    for (layer, &(keys, values)) in s.model.layers.iter().zip(&s.cache) {
+        norm(m, r.h, layer.input_norm, d, r.x, b);
+        project(m, r.x, layer.qkv, (b, hidden, qkv_width), r.qkv, false);
+        m.for_each_chunk(b, 1, &|rows| {
+            // SAFETY: these rows of qkv and their slots are this member's.
+            let qkv = unsafe { r.qkv.part(rows.start * qkv_width..rows.end * qkv_width) };
+            if let Some(bias) = layer.qkv_bias {
+                for row in qkv.chunks_exact_mut(qkv_width) {
+                    row.iter_mut().zip(bias).for_each(|(v, b)| *v += b);
+                }
+            }
+            let positions = &s.positions[rows.clone()];
+            let heads = d.heads + d.kv_heads;
+            rope_rows(
+                qkv,
+                qkv_width,
+                heads,
+                d.head_dim,
+                positions,
+                (s.model.cos, s.model.sin),
+            );
+            store_kv(qkv, qkv_width, rows, s.positions, s.shape, (keys, values));
+        });
+        // SAFETY: the loop reads qkv and the cache; each task writes its own
+        // heads of attn.
+        unsafe {
+            decode_attention(
+                r.qkv.read(),
+                qkv_width,
+                (keys.read(), values.read()),
+                s.positions,
+                s.shape,
+                r.attn.ptr,
+                m,
+            )
+        };
+        project(m, r.attn, layer.o, (b, attn_width, hidden), r.h, true);
+        norm(m, r.h, layer.post_norm, d, r.x, b);
+        project(
+            m,
+            r.x,
+            layer.gate_up,
+            (b, hidden, 2 * inter),
+            r.gate_up,
+            false,
+        );
+        m.for_each_chunk(b, 1, &|rows| {
+            // SAFETY: gate_up is only read; these rows of act are this member's.
+            let (gate_up, act) = unsafe {
+                (
+                    r.gate_up.read(),
+                    r.act.part(rows.start * inter..rows.end * inter),
+                )
+            };
+            let src = &gate_up[rows.start * 2 * inter..rows.end * 2 * inter];
+            silu_mul_rows(src, inter, act);
+        });
+        project(m, r.act, layer.down, (b, inter, hidden), r.h, true);
+    }
+    norm(m, r.h, s.model.norm, d, r.x, b);
+    project(
+        m,
+        r.x,
+        s.model.lm_head,
+        (b, hidden, d.vocab),
+        r.logits,
+        false,
+    );
+}
+
+/// RMSNorm of the rows of `src` into `dst`, rows shared out.
+fn norm(m: &Member, src: Shared, weight: &[f32], d: Dims, dst: Shared, b: usize) {
+    let h = d.hidden;
+    m.for_each_chunk(b, 1, &|rows| {
+        // SAFETY: src is only read; these rows of dst are this member's.
+        let (src, dst) = unsafe { (src.read(), dst.part(rows.start * h..rows.end * h)) };
+        rms_norm_rows(&src[rows.start * h..rows.end * h], weight, d.eps, dst);
+    });
+}
+
+/// `out (+)= x @ w.T` for `x` `[m, k]`, columns shared out.
+fn project(
+    member: &Member,
+    x: Shared,
+    w: WeightRows,
+    (m, k, n): (usize, usize, usize),
+    out: Shared,
+    accumulate: bool,
+) {
+    // SAFETY: x is only read and the job writes disjoint columns of out;
+    // `check_weights` and the buffer sizes make the job consistent, so every
+    // member builds it (or none does).
+    let job = unsafe { Job::from_raw(&x.read()[..m * k], w, (m, k, n), out.ptr, accumulate) };
+    debug_assert!(job.is_some() && out.len >= m * n);
+    if let Some(job) = job {
+        job.run(member);
+    }
+}
+
+/// Copies the new keys and values of rows `rows` (after the query heads in
+/// `qkv`, which holds those rows) into their slots at their positions.
 fn store_kv(
     qkv: &[f32],
     qkv_width: usize,
+    rows: Range<usize>,
     positions: &[usize],
     shape: AttentionShape,
-    (keys, values): (&mut [f32], &mut [f32]),
+    (keys, values): (Shared, Shared),
 ) {
     let d = shape.head_dim;
     let kv_width = shape.kv_heads * d;
-    for (b, (row, &p)) in qkv.chunks_exact(qkv_width).zip(positions).enumerate() {
+    for (row, b) in qkv.chunks_exact(qkv_width).zip(rows) {
+        let p = positions[b];
         let new_keys = &row[shape.heads * d..][..kv_width];
         let new_values = &row[shape.heads * d + kv_width..][..kv_width];
         for g in 0..shape.kv_heads {
             let at = ((b * shape.kv_heads + g) * shape.context + p) * d;
-            keys[at..at + d].copy_from_slice(&new_keys[g * d..][..d]);
-            values[at..at + d].copy_from_slice(&new_values[g * d..][..d]);
+            // SAFETY: slot `b` is this member's alone in this loop.
+            let (k, v) = unsafe { (keys.part(at..at + d), values.part(at..at + d)) };
+            k.copy_from_slice(&new_keys[g * d..][..d]);
+            v.copy_from_slice(&new_values[g * d..][..d]);
         }
     }
 }

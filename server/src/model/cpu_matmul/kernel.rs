@@ -384,10 +384,10 @@ mod tests {
                     // SAFETY: consistent jobs, one thread.
                     unsafe {
                         // Two column ranges, as two threads would take them.
-                        let job = Job::new(&x, w, m, k, n, &mut split, accumulate).unwrap();
+                        let job = Job::new(&x, w, (m, k, n), &mut split, accumulate).unwrap();
                         columns(&job, 0..half);
                         columns(&job, half..n);
-                        let job = Job::new(&x, w, m, k, n, &mut portable, accumulate).unwrap();
+                        let job = Job::new(&x, w, (m, k, n), &mut portable, accumulate).unwrap();
                         columns_portable(&job, 0..n);
                     }
                     for (got, label) in [(&split, "dispatched"), (&portable, "portable")] {

@@ -15,12 +15,14 @@
 mod kernel;
 mod panels;
 mod parallel;
+mod team;
 
 use tch::{Device, Kind, TchError, Tensor};
 
 pub use kernel::vectorized;
 pub use panels::{pack, panel_count, unpack_row, PANEL};
-pub use parallel::{for_each_chunk, on_openmp};
+pub use parallel::on_openmp;
+pub use team::{run_team, Chunks, Member, Regions};
 
 /// Output channels a thread takes at a time at least (a panel of 16, and a
 /// multiple of the int8 kernel's tile of 4 weight rows).
@@ -40,7 +42,7 @@ pub enum WeightRows<'a> {
 
 impl WeightRows<'_> {
     /// The elements a weight of `n` rows of `k` must have.
-    fn fits(&self, n: usize, k: usize) -> bool {
+    pub fn fits(&self, n: usize, k: usize) -> bool {
         match self {
             Self::F32Panels(w) => w.len() == panel_count(n) * k * PANEL,
             Self::Int8 { w, scales } => w.len() == n * k && scales.len() == n,
@@ -77,20 +79,38 @@ impl<'a> Job<'a> {
     pub fn new(
         x: &'a [f32],
         w: WeightRows<'a>,
-        m: usize,
-        k: usize,
-        n: usize,
+        (m, k, n): (usize, usize, usize),
         out: &'a mut [f32],
         accumulate: bool,
     ) -> Option<Self> {
-        let consistent = x.len() == m * k && w.fits(n, k) && out.len() == m * n;
+        if out.len() != m * n {
+            return None;
+        }
+        // SAFETY: `out` is borrowed mutably for the job's life.
+        unsafe { Self::from_raw(x, w, (m, k, n), out.as_mut_ptr(), accumulate) }
+    }
+
+    /// As [`Job::new`] with `out` given by pointer, for the members of a
+    /// team that each build the same job over buffers they share.
+    ///
+    /// # Safety
+    /// `out` points to `m * n` floats, valid while the job runs, that
+    /// nothing else reads or writes meanwhile but the job's own calls.
+    pub unsafe fn from_raw(
+        x: &'a [f32],
+        w: WeightRows<'a>,
+        (m, k, n): (usize, usize, usize),
+        out: *mut f32,
+        accumulate: bool,
+    ) -> Option<Self> {
+        let consistent = x.len() == m * k && w.fits(n, k);
         consistent.then_some(Self {
             x,
             w,
             m,
             k,
             n,
-            out: out.as_mut_ptr(),
+            out,
             accumulate,
         })
     }
@@ -110,24 +130,23 @@ impl<'a> Job<'a> {
         }
     }
 
-    /// Runs the product on up to `threads` threads.
-    pub fn run(&self, threads: usize) {
+    /// Runs the product, its output columns in chunks over `on`'s threads
+    /// (one thread where it is small).
+    pub fn run(&self, on: &dyn Chunks) {
         if self.m == 0 || self.n == 0 {
             return;
         }
-        let threads = if self.m * self.n * self.k < PARALLEL_WORK {
-            1
+        let chunk = if self.m * self.n * self.k < PARALLEL_WORK {
+            self.n
         } else {
-            threads.max(1)
+            self.n
+                .div_ceil(on.threads() * 4)
+                .next_multiple_of(MIN_CHUNK)
+                .max(MIN_CHUNK)
         };
-        let chunk = self
-            .n
-            .div_ceil(threads * 4)
-            .next_multiple_of(MIN_CHUNK)
-            .max(MIN_CHUNK);
-        for_each_chunk(self.n, chunk, threads, &|cols| {
-            // SAFETY: the job was checked at construction and
-            // for_each_chunk hands out disjoint column ranges.
+        on.for_each_chunk(self.n, chunk, &|cols| {
+            // SAFETY: the job was checked at construction and the loop
+            // hands out disjoint column ranges.
             unsafe { kernel::columns(self, cols) }
         });
     }
@@ -143,9 +162,9 @@ pub fn product(
     accumulate: bool,
     threads: usize,
 ) -> bool {
-    match Job::new(x, w, m, k, n, out, accumulate) {
+    match Job::new(x, w, (m, k, n), out, accumulate) {
         Some(job) => {
-            job.run(threads);
+            job.run(&Regions(threads));
             true
         }
         None => false,

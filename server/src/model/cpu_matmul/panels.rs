@@ -293,7 +293,7 @@ mod tests {
             // The product on `tiles` into `out`, added where `accumulate`.
             let run = |tiles, out: &mut [f32], accumulate| {
                 let w = super::super::WeightRows::F32Panels(&panels);
-                let job = Job::new(&x, w, m, k, n, out, accumulate).unwrap();
+                let job = Job::new(&x, w, (m, k, n), out, accumulate).unwrap();
                 // SAFETY: a consistent job on one thread; the CPU runs `tiles`.
                 unsafe { columns_with(tiles, &job, &panels, 0..n) };
             };

@@ -14,15 +14,16 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-type GompParallel = unsafe extern "C" fn(extern "C" fn(*mut c_void), *mut c_void, c_uint, c_uint);
+pub(super) type GompParallel =
+    unsafe extern "C" fn(extern "C" fn(*mut c_void), *mut c_void, c_uint, c_uint);
 
-fn gomp_parallel() -> Option<GompParallel> {
+pub(super) fn gomp_parallel() -> Option<GompParallel> {
     static ENTRY: OnceLock<Option<GompParallel>> = OnceLock::new();
     *ENTRY.get_or_init(|| {
         // SAFETY: dlsym with a NUL-terminated name over the global scope.
         let sym = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"GOMP_parallel".as_ptr()) };
         if sym.is_null() {
-            tracing::warn!("GOMP_parallel not found: int8 products run on threads of their own");
+            tracing::warn!("GOMP_parallel not found: CPU products run on threads of their own");
             None
         } else {
             // SAFETY: libgomp's GOMP_parallel has this signature (GOMP_4.0 ABI).

@@ -3,13 +3,18 @@
 use super::*;
 
 /// The CPU step and the libtorch-op step, on the bundled model, in float32
-/// and int8: the same logits and the same cache, for sequences at
-/// different positions (a mask in the op step) and at one (none).
+/// and int8, on one thread and on a team of two: the same logits and the
+/// same cache, for sequences at different positions (a mask in the op
+/// step) and at one (none).
 #[test]
 fn the_cpu_step_matches_the_op_step() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/torchwire-tiny");
     let (slots, context) = (3usize, 48usize);
-    for quantization in [Quantization::None, Quantization::Int8] {
+    let cases =
+        [1, 2].map(|threads| [(Quantization::None, threads), (Quantization::Int8, threads)]);
+    for (quantization, threads) in cases.into_iter().flatten() {
+        // Per calling thread in OpenMP: this test's thread only.
+        tch::set_num_threads(threads);
         let model = Llama::load(
             &dir,
             LoadOptions {
@@ -54,7 +59,7 @@ fn the_cpu_step_matches_the_op_step() {
             let diff = (&a - &o).abs().max().double_value(&[]);
             assert!(
                 diff < 1e-3,
-                "{quantization:?} step {step}: logits differ by {diff}"
+                "{quantization:?} on {threads} threads, step {step}: logits differ by {diff}"
             );
             let next = Vec::<i64>::try_from(a.argmax(-1, false)).unwrap();
             for (i, t) in next.into_iter().enumerate() {
