@@ -11,6 +11,7 @@
 use std::cell::RefCell;
 
 use super::cpu_matmul::{vectorized, Chunks};
+use super::vec_exp::exp_shifted_sum;
 
 /// Below this many multiply-adds a step's attention runs on one thread.
 const PARALLEL_WORK: usize = 1 << 14;
@@ -106,7 +107,18 @@ fn attend(d: usize, q: &[f32], k: &[f32], v: &[f32], scores: &mut Vec<f32>, out:
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn attend_avx2(d: usize, q: &[f32], k: &[f32], v: &[f32], scores: &mut Vec<f32>, out: &mut [f32]) {
-    attend_body(d, q, k, v, scores, out)
+    let len = k.len() / d.max(1);
+    scores.clear();
+    scores.resize(q.len() / d.max(1) * len, 0.0);
+    if !d.is_multiple_of(8) {
+        scores_body(d, q, k, scores);
+        return weigh_values(d, v, scores, out);
+    }
+    // SAFETY: the CPU has AVX2 and FMA (this function's features).
+    unsafe { avx2::scores(d, q, k, scores) };
+    softmax_rows(scores, len);
+    // SAFETY: as above.
+    unsafe { avx2::values(d, v, scores, out) };
 }
 
 /// Written so that the compiler vectorizes it for the features of the
@@ -114,26 +126,29 @@ fn attend_avx2(d: usize, q: &[f32], k: &[f32], v: &[f32], scores: &mut Vec<f32>,
 #[inline(always)]
 fn attend_body(d: usize, q: &[f32], k: &[f32], v: &[f32], scores: &mut Vec<f32>, out: &mut [f32]) {
     let d = d.max(1);
-    let len = k.len() / d;
     scores.clear();
-    scores.resize(q.len() / d * len, 0.0);
+    scores.resize(q.len() / d * (k.len() / d), 0.0);
+    scores_body(d, q, k, scores);
+    weigh_values(d, v, scores, out)
+}
+
+/// `scores[j * len + t] = q_j . k_t`.
+#[inline(always)]
+fn scores_body(d: usize, q: &[f32], k: &[f32], scores: &mut [f32]) {
+    let len = k.len() / d;
     for (t, key) in k.chunks_exact(d).enumerate() {
         for (j, q) in q.chunks_exact(d).enumerate() {
             scores[j * len + t] = dot(q, key);
         }
     }
-    for row in scores.chunks_exact_mut(len.max(1)) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0;
-        for s in row.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        for s in row.iter_mut() {
-            *s *= inv;
-        }
-    }
+}
+
+/// Softmax of each query's scores, then `out_j = sum_t p_jt v_t`.
+#[inline(always)]
+fn weigh_values(d: usize, v: &[f32], scores: &mut [f32], out: &mut [f32]) {
+    let d = d.max(1);
+    let len = v.len() / d;
+    softmax_rows(scores, len);
     out.fill(0.0);
     for (t, value) in v.chunks_exact(d).enumerate() {
         for (j, out) in out.chunks_exact_mut(d).enumerate() {
@@ -141,6 +156,115 @@ fn attend_body(d: usize, q: &[f32], k: &[f32], v: &[f32], scores: &mut Vec<f32>,
             for (o, x) in out.iter_mut().zip(value) {
                 *o += p * x;
             }
+        }
+    }
+}
+
+/// Each row of `len` scores into probabilities.
+#[inline(always)]
+fn softmax_rows(scores: &mut [f32], len: usize) {
+    for row in scores.chunks_exact_mut(len.max(1)) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let inv = 1.0 / exp_shifted_sum(row, max);
+        for s in row.iter_mut() {
+            *s *= inv;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// The sums of four vectors' lanes, in order.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn sums4(a: __m256, b: __m256, c: __m256, d: __m256) -> __m128 {
+        let h = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+        _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h))
+    }
+
+    /// As `scores_body`, four keys at a time against each query, so that a
+    /// horizontal sum serves four scores. `d` is a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scores(d: usize, q: &[f32], k: &[f32], scores: &mut [f32]) {
+        let len = k.len() / d;
+        let queries = q.len() / d;
+        assert!(d.is_multiple_of(8) && scores.len() >= queries * len);
+        let (qp, kp, sp) = (q.as_ptr(), k.as_ptr(), scores.as_mut_ptr());
+        let whole = len / 4 * 4;
+        for t in (0..whole).step_by(4) {
+            for j in 0..queries {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for c in (0..d).step_by(8) {
+                    // SAFETY: query j, keys t..t + 4 and the chunk at c are
+                    // within q and k (j < queries, t + 4 <= len, c + 8 <= d).
+                    unsafe {
+                        let qv = _mm256_loadu_ps(qp.add(j * d + c));
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp.add((t + i) * d + c)), *a);
+                        }
+                    }
+                }
+                let four = sums4(acc[0], acc[1], acc[2], acc[3]);
+                // SAFETY: j * len + t + 4 <= queries * len (asserted).
+                unsafe { _mm_storeu_ps(sp.add(j * len + t), four) };
+            }
+        }
+        for t in whole..len {
+            for j in 0..queries {
+                scores[j * len + t] = super::dot(&q[j * d..][..d], &k[t * d..][..d]);
+            }
+        }
+    }
+
+    /// `out_j = sum_t p_jt v_t` for the probabilities `p` (each query's
+    /// `len` in turn), up to 64 output floats of a query held in registers
+    /// through all the values. `d` is a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn values(d: usize, v: &[f32], p: &[f32], out: &mut [f32]) {
+        let len = v.len() / d;
+        let queries = out.len() / d;
+        assert!(d.is_multiple_of(8) && p.len() >= queries * len);
+        for j in 0..queries {
+            let (p, o) = (&p[j * len..][..len], &mut out[j * d..][..d]);
+            let mut c = 0;
+            // SAFETY (each call): c + 8 * N <= d, so every load is inside a
+            // value row and every store inside `o`.
+            while c + 64 <= d {
+                unsafe { columns::<8>(d, c, v, p, o) };
+                c += 64;
+            }
+            while c + 32 <= d {
+                unsafe { columns::<4>(d, c, v, p, o) };
+                c += 32;
+            }
+            while c < d {
+                unsafe { columns::<1>(d, c, v, p, o) };
+                c += 8;
+            }
+        }
+    }
+
+    /// Output floats `c..c + 8N` of one query.
+    ///
+    /// # Safety
+    /// `c + 8 * N <= d`, `v` holds `p.len()` rows of `d`, `o` holds `d`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn columns<const N: usize>(d: usize, c: usize, v: &[f32], p: &[f32], o: &mut [f32]) {
+        let mut acc = [_mm256_setzero_ps(); N];
+        let vp = v.as_ptr();
+        for (t, &pt) in p.iter().enumerate() {
+            let b = _mm256_set1_ps(pt);
+            for (i, a) in acc.iter_mut().enumerate() {
+                // SAFETY: row t < len, columns within d, per the caller.
+                *a = _mm256_fmadd_ps(b, unsafe { _mm256_loadu_ps(vp.add(t * d + c + 8 * i)) }, *a);
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            // SAFETY: c + 8 * i + 8 <= d = o.len(), per the caller.
+            unsafe { _mm256_storeu_ps(o.as_mut_ptr().add(c + 8 * i), *a) };
         }
     }
 }
@@ -172,19 +296,27 @@ mod tests {
     #[test]
     fn matches_softmax_attention_over_each_prefix() {
         let _guard = tch::no_grad_guard();
-        let shape = AttentionShape {
-            heads: 6,
-            kv_heads: 2,
-            head_dim: 12,
-            context: 20,
-        };
+        // A head of 12 takes the plain loops; one of 32 the vector scores,
+        // four keys at a time and a tail (prefixes of 1, 11 and 20 keys).
+        for head_dim in [12, 32] {
+            let shape = AttentionShape {
+                heads: 6,
+                kv_heads: 2,
+                head_dim,
+                context: 20,
+            };
+            check_against_softmax(shape);
+        }
+    }
+
+    fn check_against_softmax(shape: AttentionShape) {
         let (b, d) = (3usize, shape.head_dim as i64);
         let width = (shape.heads + 2 * shape.kv_heads) * shape.head_dim;
         let opts = (Kind::Float, Device::Cpu);
         let qkv = Tensor::randn([b as i64, width as i64], opts);
         let cache = [b as i64, 2, 20, d];
         let (keys, values) = (Tensor::randn(cache, opts), Tensor::randn(cache, opts));
-        let all = [0usize, 7, 19];
+        let all = [0usize, 10, 19];
         let slice = |t: &Tensor| -> Vec<f32> { Vec::<f32>::try_from(t.flatten(0, -1)).unwrap() };
         // Three sequences take a group of query heads a task, one sequence
         // a query head a task (too few tasks otherwise).
@@ -215,7 +347,7 @@ mod tests {
                     let got = Tensor::from_slice(&out[start..start + shape.head_dim]);
                     assert!(
                         got.allclose(&want, 1e-5, 1e-5, false),
-                        "row {row} head {h} batch {batch} threads {threads}"
+                        "d {d} row {row} head {h} batch {batch} threads {threads}"
                     );
                 }
             }

@@ -122,9 +122,7 @@ pub fn silu_mul_rows(src: &[f32], i: usize, dst: &mut [f32]) {
     let i = i.max(1);
     for (row, out_row) in src.chunks_exact(2 * i).zip(dst.chunks_exact_mut(i)) {
         let (gate, up) = row.split_at(i);
-        for ((o, g), u) in out_row.iter_mut().zip(gate).zip(up) {
-            *o = g / (1.0 + (-g).exp()) * u;
-        }
+        super::vec_exp::silu_mul(gate, up, out_row);
     }
 }
 

@@ -14,6 +14,7 @@ pub mod quality;
 mod quantization;
 mod rope;
 mod upload;
+mod vec_exp;
 mod weights;
 
 pub use hf_config::{GenerationConfig, HfConfig};
