@@ -11,7 +11,7 @@
 use std::cell::Cell;
 use std::ffi::{c_int, c_void};
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use super::parallel::{for_each_chunk, gomp_parallel, GompParallel};
@@ -57,6 +57,9 @@ struct Team<'a> {
     generation: AtomicUsize,
     /// The next chunk of the current loop, and of the one after it.
     next: [AtomicUsize; 2],
+    /// A member panicked: the others stop waiting for it. (On libgomp's
+    /// threads a panic aborts the process; this is for scoped threads.)
+    poisoned: AtomicBool,
 }
 
 /// One thread of a running team.
@@ -80,6 +83,9 @@ impl Member<'_> {
         }
         let mut spins = 0;
         while team.generation.load(Ordering::Acquire) == generation {
+            if team.poisoned.load(Ordering::Relaxed) {
+                panic!("another member of the CPU thread team panicked");
+            }
             if spins < SPINS {
                 spins += 1;
                 std::hint::spin_loop();
@@ -150,19 +156,39 @@ fn join(team: &Team, size: usize) {
         size,
         loops: Cell::new(0),
     };
-    (team.body)(&member);
+    let run = std::panic::AssertUnwindSafe(|| (team.body)(&member));
+    if let Err(panic) = std::panic::catch_unwind(run) {
+        team.poisoned.store(true, Ordering::Relaxed);
+        std::panic::resume_unwind(panic);
+    }
 }
 
-/// Runs `body` on a team of up to `threads` threads and returns when every
-/// member has returned from it.
-pub fn run_team(threads: usize, body: &(dyn Fn(&Member) + Sync)) {
-    let team = Team {
+/// The team on scoped threads of our own; a panic in any member reaches
+/// the caller.
+fn run_scoped(team: &Team, threads: usize) {
+    std::thread::scope(|s| {
+        for _ in 1..threads {
+            s.spawn(|| join(team, threads));
+        }
+        join(team, threads);
+    })
+}
+
+fn new_team<'a>(body: &'a (dyn Fn(&Member) + Sync)) -> Team<'a> {
+    Team {
         body,
         joined: AtomicUsize::new(0),
         arrived: AtomicUsize::new(0),
         generation: AtomicUsize::new(0),
         next: [AtomicUsize::new(0), AtomicUsize::new(0)],
-    };
+        poisoned: AtomicBool::new(false),
+    }
+}
+
+/// Runs `body` on a team of up to `threads` threads and returns when every
+/// member has returned from it.
+pub fn run_team(threads: usize, body: &(dyn Fn(&Member) + Sync)) {
+    let team = new_team(body);
     let threads = threads.max(1);
     let entries: Option<(GompParallel, _)> = gomp_parallel().zip(omp_get_num_threads());
     match entries {
@@ -176,12 +202,7 @@ pub fn run_team(threads: usize, body: &(dyn Fn(&Member) + Sync)) {
                 0,
             )
         },
-        None => std::thread::scope(|s| {
-            for _ in 1..threads {
-                s.spawn(|| join(&team, threads));
-            }
-            join(&team, threads);
-        }),
+        None => run_scoped(&team, threads),
     }
 }
 
@@ -228,6 +249,22 @@ mod tests {
             }
             assert_eq!(firsts.into_inner().unwrap(), want, "threads {threads}");
         }
+    }
+
+    #[test]
+    fn a_panicking_member_does_not_leave_the_others_waiting() {
+        // Scoped threads, as where libgomp is missing: the panic reaches
+        // the caller instead of a member waiting at the barrier forever.
+        let body = |m: &Member| {
+            if m.id == 1 {
+                panic!("member 1 fails");
+            }
+            m.barrier();
+        };
+        let team = new_team(&body);
+        let scoped = std::panic::AssertUnwindSafe(|| run_scoped(&team, 3));
+        let result = std::panic::catch_unwind(scoped);
+        assert!(result.is_err());
     }
 
     #[test]
