@@ -335,11 +335,14 @@ fn project(
     out: Shared,
     accumulate: bool,
 ) {
-    // SAFETY: x is only read and the job writes disjoint columns of out;
-    // `check_weights` and the buffer sizes make the job consistent, so every
-    // member builds it (or none does).
-    let job = unsafe { Job::from_raw(&x.read()[..m * k], w, (m, k, n), out.ptr, accumulate) };
-    debug_assert!(job.is_some() && out.len >= m * n);
+    // SAFETY: no member writes x in this loop.
+    let x = unsafe { x.read() }.get(..m * k);
+    // SAFETY: the job writes disjoint columns of out, which nothing else
+    // touches in this loop. `check_weights` and the buffer sizes make the
+    // job consistent, so every member builds it (or none does).
+    let job =
+        x.and_then(|x| unsafe { Job::from_raw(x, w, (m, k, n), (out.ptr, out.len), accumulate) });
+    debug_assert!(job.is_some());
     if let Some(job) = job {
         job.run(member);
     }

@@ -83,27 +83,26 @@ impl<'a> Job<'a> {
         out: &'a mut [f32],
         accumulate: bool,
     ) -> Option<Self> {
-        if out.len() != m * n {
-            return None;
-        }
+        let out = (out.as_mut_ptr(), out.len());
         // SAFETY: `out` is borrowed mutably for the job's life.
-        unsafe { Self::from_raw(x, w, (m, k, n), out.as_mut_ptr(), accumulate) }
+        unsafe { Self::from_raw(x, w, (m, k, n), out, accumulate) }
     }
 
-    /// As [`Job::new`] with `out` given by pointer, for the members of a
-    /// team that each build the same job over buffers they share.
+    /// As [`Job::new`] with `out` given by pointer and length, for the
+    /// members of a team that each build the same job over buffers they
+    /// share.
     ///
     /// # Safety
-    /// `out` points to `m * n` floats, valid while the job runs, that
+    /// `out` points to `out_len` floats, valid while the job runs, that
     /// nothing else reads or writes meanwhile but the job's own calls.
     pub unsafe fn from_raw(
         x: &'a [f32],
         w: WeightRows<'a>,
         (m, k, n): (usize, usize, usize),
-        out: *mut f32,
+        (out, out_len): (*mut f32, usize),
         accumulate: bool,
     ) -> Option<Self> {
-        let consistent = x.len() == m * k && w.fits(n, k);
+        let consistent = x.len() == m * k && w.fits(n, k) && out_len == m * n;
         consistent.then_some(Self {
             x,
             w,
