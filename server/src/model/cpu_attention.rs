@@ -94,8 +94,12 @@ pub unsafe fn decode_attention(
     });
 }
 
-/// The queries `q` (`d` floats each) against the same `k`/`v` rows of `d`.
+/// The queries `q` (`d` floats each) against the same `k`/`v` rows of `d`;
+/// `scores` is scratch, holding each query's scores in turn.
 fn attend(d: usize, q: &[f32], k: &[f32], v: &[f32], scores: &mut Vec<f32>, out: &mut [f32]) {
+    let d = d.max(1);
+    scores.clear();
+    scores.resize(q.len() / d * (k.len() / d), 0.0);
     #[cfg(target_arch = "x86_64")]
     if vectorized() {
         // SAFETY: the CPU has AVX2 and FMA.
@@ -106,28 +110,21 @@ fn attend(d: usize, q: &[f32], k: &[f32], v: &[f32], scores: &mut Vec<f32>, out:
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn attend_avx2(d: usize, q: &[f32], k: &[f32], v: &[f32], scores: &mut Vec<f32>, out: &mut [f32]) {
-    let len = k.len() / d.max(1);
-    scores.clear();
-    scores.resize(q.len() / d.max(1) * len, 0.0);
+fn attend_avx2(d: usize, q: &[f32], k: &[f32], v: &[f32], scores: &mut [f32], out: &mut [f32]) {
     if !d.is_multiple_of(8) {
-        scores_body(d, q, k, scores);
-        return weigh_values(d, v, scores, out);
+        return attend_body(d, q, k, v, scores, out);
     }
     // SAFETY: the CPU has AVX2 and FMA (this function's features).
     unsafe { avx2::scores(d, q, k, scores) };
-    softmax_rows(scores, len);
+    softmax_rows(scores, k.len() / d);
     // SAFETY: as above.
     unsafe { avx2::values(d, v, scores, out) };
 }
 
 /// Written so that the compiler vectorizes it for the features of the
-/// function it is inlined into. `scores` holds each query's scores in turn.
+/// function it is inlined into; `d` is at least 1.
 #[inline(always)]
-fn attend_body(d: usize, q: &[f32], k: &[f32], v: &[f32], scores: &mut Vec<f32>, out: &mut [f32]) {
-    let d = d.max(1);
-    scores.clear();
-    scores.resize(q.len() / d * (k.len() / d), 0.0);
+fn attend_body(d: usize, q: &[f32], k: &[f32], v: &[f32], scores: &mut [f32], out: &mut [f32]) {
     scores_body(d, q, k, scores);
     weigh_values(d, v, scores, out)
 }

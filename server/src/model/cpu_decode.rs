@@ -33,6 +33,18 @@ pub struct Dims {
     pub eps: f32,
 }
 
+impl Dims {
+    /// Floats of the query heads (and of attention's output) in a row.
+    fn attn_width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Floats of a row of the fused q/k/v projection.
+    fn qkv_width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+}
+
 /// One layer's weights as float32 slices and weight rows.
 pub struct LayerRows<'a> {
     pub input_norm: &'a [f32],
@@ -170,16 +182,20 @@ pub fn decode(
                     .iter()
                     .all(|(k, v)| k.len() >= b * slot_floats && v.len() >= b * slot_floats)
         })
-        .ok_or_else(|| TchError::Kind("the KV cache is not float32 on the CPU".into()))?;
-    let (hidden, inter) = (d.hidden, d.intermediate);
-    let qkv_width = (d.heads + 2 * d.kv_heads) * d.head_dim;
+        .ok_or_else(|| {
+            TchError::Kind(
+                "the KV cache is not float32 on the CPU, or not of this model's layers and batch"
+                    .into(),
+            )
+        })?;
+    let (hidden, inter, qkv_width) = (d.hidden, d.intermediate, d.qkv_width());
     let mut h = Vec::with_capacity(b * hidden);
     for &t in tokens {
         model.embed.push_row(t as usize, hidden, &mut h);
     }
     let mut x = vec![0.0; b * hidden];
     let mut qkv = vec![0.0; b * qkv_width];
-    let mut attn = vec![0.0; b * d.heads * d.head_dim];
+    let mut attn = vec![0.0; b * d.attn_width()];
     let mut gate_up = vec![0.0; b * 2 * inter];
     let mut act = vec![0.0; b * inter];
     let logits = Tensor::f_empty([b as i64, d.vocab as i64], (Kind::Float, Device::Cpu))?;
@@ -212,8 +228,7 @@ pub fn decode(
 /// nothing inside the parallel region can fail.
 fn check_weights(model: &ModelRows) -> Result<(), TchError> {
     let d = model.dims;
-    let attn_width = d.heads * d.head_dim;
-    let qkv_width = attn_width + 2 * d.kv_heads * d.head_dim;
+    let (attn_width, qkv_width) = (d.attn_width(), d.qkv_width());
     let fits = model.layers.iter().all(|l| {
         l.qkv.fits(qkv_width, d.hidden)
             && l.o.fits(d.hidden, attn_width)
@@ -241,8 +256,7 @@ fn run_step(m: &Member, s: &Step) {
     let b = s.positions.len();
     let r = s.rows;
     let (hidden, inter) = (d.hidden, d.intermediate);
-    let attn_width = d.heads * d.head_dim;
-    let qkv_width = attn_width + 2 * d.kv_heads * d.head_dim;
+    let (attn_width, qkv_width) = (d.attn_width(), d.qkv_width());
     // Each loop below reads buffers no member writes in it and writes
     // disjoint rows or columns of one other; every member ends each loop at
     // the same barrier.

@@ -61,16 +61,22 @@ pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
         // SAFETY: the CPU has AVX2 and FMA.
         return unsafe { avx2::silu_mul(gate, up, out) };
     }
-    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + exp_lane(-g)) * u;
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = silu_mul_lane(g, u);
     }
+}
+
+/// One lane of [`silu_mul`], for the tails and for CPUs without AVX2.
+#[inline(always)]
+fn silu_mul_lane(g: f32, u: f32) -> f32 {
+    g / (1.0 + exp_lane(-g)) * u
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{exp_lane, HI, LN2_HI, LN2_LO, LO, LOG2E, P};
+    use super::{exp_lane, silu_mul_lane, HI, LN2_HI, LN2_LO, LO, LOG2E, P};
 
     /// Eight lanes of [`exp_lane`].
     #[inline]
@@ -132,7 +138,7 @@ mod avx2 {
             }
         }
         for i in whole..n {
-            out[i] = gate[i] / (1.0 + exp_lane(-gate[i])) * up[i];
+            out[i] = silu_mul_lane(gate[i], up[i]);
         }
     }
 }
