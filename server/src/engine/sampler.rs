@@ -59,6 +59,17 @@ pub struct Sampled {
     pub top: Vec<(u32, f32)>,
 }
 
+impl Sampled {
+    /// A token chosen without log-probabilities.
+    pub fn token(token: u32) -> Self {
+        Self {
+            token,
+            logprob: None,
+            top: Vec::new(),
+        }
+    }
+}
+
 /// Samples tokens for one sequence.
 pub struct Sampler {
     params: SamplingParams,

@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 use tokio::sync::mpsc;
 
 use super::device_sampler::{self, SamplerChoice};
@@ -477,10 +477,19 @@ impl Scheduler {
         let tokens: Vec<u32> = self.running.iter().map(|s| s.next).collect();
         let positions: Vec<usize> = self.running.iter().map(|s| s.cached).collect();
         let batch = tokens.len();
-        let sampled = self
-            .model
-            .decode(&tokens, &positions, &mut self.cache)
-            .and_then(|logits| self.sample_batch(&logits));
+        let greedy = self
+            .running
+            .iter()
+            .all(|s| s.sampler.params().is_plain_argmax());
+        let sampled = if greedy {
+            self.model
+                .decode_argmax(&tokens, &positions, &mut self.cache)
+                .map(|ids| ids.into_iter().map(Sampled::token).collect())
+        } else {
+            self.model
+                .decode(&tokens, &positions, &mut self.cache)
+                .and_then(|logits| self.sample_batch(&logits))
+        };
         let sampled = match sampled {
             Ok(s) => s,
             Err(e) => {
@@ -553,26 +562,10 @@ impl Scheduler {
         self.stats.prefilling.store(prefilling as u32, Relaxed);
     }
 
-    /// Samples one token per row of `logits` (`[B, vocab]`, float32). Plain
-    /// greedy batches take an argmax on the device and copy only the ids;
-    /// others are sampled on the device too when so configured, else from a
-    /// copy of every row on the host.
+    /// Samples one token per row of `logits` (`[B, vocab]`, float32), on
+    /// the device when so configured, else from a copy of every row on the
+    /// host. (Plain greedy batches take `decode_argmax` instead.)
     fn sample_batch(&mut self, logits: &Tensor) -> Result<Vec<Sampled>, tch::TchError> {
-        if self
-            .running
-            .iter()
-            .all(|s| s.sampler.params().is_plain_argmax())
-        {
-            let ids = Vec::<i64>::try_from(&logits.f_argmax(-1, false)?.f_to_kind(Kind::Int64)?)?;
-            return Ok(ids
-                .into_iter()
-                .map(|t| Sampled {
-                    token: t as u32,
-                    logprob: None,
-                    top: Vec::new(),
-                })
-                .collect());
-        }
         if self.sample_on_device {
             let uniforms: Vec<f32> = self
                 .running

@@ -68,19 +68,27 @@ pub struct ModelRows<'a> {
     pub sin: &'a [f32],
 }
 
-/// A float buffer the members of the step's team share. Between two
-/// barriers each part of it is either only read or written by one member.
-#[derive(Clone, Copy)]
-struct Shared {
-    ptr: *mut f32,
+/// A buffer the members of the step's team share (floats unless said).
+/// Between two barriers each part of it is either only read or written by
+/// one member.
+struct Shared<T = f32> {
+    ptr: *mut T,
     len: usize,
 }
 
-// SAFETY: members touch a `Shared` only as its methods' contracts allow.
-unsafe impl Sync for Shared {}
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
 
-impl Shared {
-    fn of(buffer: &mut [f32]) -> Self {
+impl<T> Copy for Shared<T> {}
+
+// SAFETY: members touch a `Shared` only as its methods' contracts allow.
+unsafe impl<T> Sync for Shared<T> {}
+
+impl<T> Shared<T> {
+    fn of(buffer: &mut [T]) -> Self {
         Self {
             ptr: buffer.as_mut_ptr(),
             len: buffer.len(),
@@ -91,7 +99,7 @@ impl Shared {
     ///
     /// # Safety
     /// No member writes any of it until the next barrier.
-    unsafe fn read(&self) -> &[f32] {
+    unsafe fn read(&self) -> &[T] {
         // SAFETY: a live buffer of `len` floats, per the caller unwritten.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
@@ -101,7 +109,7 @@ impl Shared {
     /// # Safety
     /// No other member reads or writes any of `range` until the next barrier.
     #[allow(clippy::mut_from_ref)]
-    unsafe fn part(&self, range: Range<usize>) -> &mut [f32] {
+    unsafe fn part(&self, range: Range<usize>) -> &mut [T] {
         assert!(range.start <= range.end && range.end <= self.len);
         // SAFETY: inside the buffer (checked), owned by the caller.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(range.start), range.len()) }
@@ -118,6 +126,8 @@ struct Rows {
     gate_up: Shared,
     act: Shared,
     logits: Shared,
+    /// Each row's highest-scoring token, where the caller asked for it.
+    argmax: Option<Shared<u32>>,
 }
 
 /// What a step needs besides the weights.
@@ -133,19 +143,25 @@ struct Step<'a> {
 /// One decode step for the sequences in slots `0..B`: `tokens[b]` is fed at
 /// position `positions[b]`, its keys and values stored there, and it
 /// attends to positions `0..=positions[b]` of its slot. Returns float32
-/// logits `[B, vocab]`. The whole step is one parallel region on libtorch's
-/// threads (`cpu_matmul::run_team`).
+/// logits `[B, vocab]`, and with `argmax` (`B` long) each row's
+/// highest-scoring token id in it, found by the team too (greedy decoding
+/// then needs nothing after the step). The whole step is one parallel
+/// region on libtorch's threads (`cpu_matmul::run_team`).
 pub fn decode(
     model: &ModelRows,
     tokens: &[u32],
     positions: &[usize],
     cache: &mut KvCache,
+    argmax: Option<&mut [u32]>,
 ) -> Result<Tensor, TchError> {
     let d = model.dims;
     let b = tokens.len();
     let context = cache.max_context();
     let rope_positions = model.cos.len() / d.head_dim.max(1);
-    if positions.len() != b || b > cache.max_batch() {
+    if positions.len() != b
+        || b > cache.max_batch()
+        || argmax.as_ref().is_some_and(|a| a.len() != b)
+    {
         return Err(TchError::Shape(format!(
             "decode of {b} tokens at {} positions, {} slots",
             positions.len(),
@@ -212,6 +228,7 @@ pub fn decode(
             gate_up: Shared::of(&mut gate_up),
             act: Shared::of(&mut act),
             logits: Shared::of(out),
+            argmax: argmax.map(Shared::of),
         },
         cache: layers
             .into_iter()
@@ -328,6 +345,30 @@ fn run_step(m: &Member, s: &Step) {
         r.logits,
         false,
     );
+    if let Some(ids) = r.argmax {
+        m.for_each_chunk(b, 1, &|rows| {
+            // SAFETY: logits are only read; these rows of ids are this member's.
+            let (logits, ids) = unsafe { (r.logits.read(), ids.part(rows.clone())) };
+            for (id, row) in ids.iter_mut().zip(rows) {
+                *id = argmax(&logits[row * d.vocab..][..d.vocab]);
+            }
+        });
+    }
+}
+
+/// The index of the highest value, the first of equals, as ATen's argmax
+/// picks it (a NaN counts as highest).
+fn argmax(row: &[f32]) -> u32 {
+    let Some((&first, rest)) = row.split_first() else {
+        return 0;
+    };
+    let (mut best, mut max) = (0, first);
+    for (i, &v) in rest.iter().enumerate() {
+        if v > max || (v.is_nan() && !max.is_nan()) {
+            (best, max) = (i + 1, v);
+        }
+    }
+    best as u32
 }
 
 /// RMSNorm of the rows of `src` into `dst`, rows shared out.
@@ -385,5 +426,32 @@ fn store_kv(
             k.copy_from_slice(&new_keys[g * d..][..d]);
             v.copy_from_slice(&new_values[g * d..][..d]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::argmax;
+    use tch::Tensor;
+
+    #[test]
+    fn argmax_picks_as_aten_does() {
+        let nan = f32::NAN;
+        let rows: [&[f32]; 7] = [
+            &[1.0],
+            &[0.5, 2.0, -1.0],
+            // Ties: the first.
+            &[3.0, 1.0, 3.0, 3.0],
+            &[f32::NEG_INFINITY, f32::NEG_INFINITY],
+            &[-5.0, f32::INFINITY, 7.0],
+            // A NaN counts as highest, the first of them.
+            &[1.0, nan, 9.0, nan],
+            &[nan, 1.0],
+        ];
+        for row in rows {
+            let want = Tensor::from_slice(row).argmax(0, false).int64_value(&[]);
+            assert_eq!(i64::from(argmax(row)), want, "{row:?}");
+        }
+        assert_eq!(argmax(&[]), 0);
     }
 }

@@ -372,9 +372,29 @@ impl Llama {
         cache: &mut KvCache,
     ) -> Result<Tensor, TchError> {
         match self.cpu_rows() {
-            Some(rows) => cpu_decode::decode(&rows, tokens, positions, cache),
+            Some(rows) => cpu_decode::decode(&rows, tokens, positions, cache, None),
             None => self.decode_with_ops(tokens, positions, cache),
         }
+    }
+
+    /// As [`decode`](Self::decode) for greedy decoding: returns only each
+    /// row's highest-scoring token id (the first of equals), found where the
+    /// logits are (in the CPU step's own parallel region, or by one argmax
+    /// on the device), so that only the ids reach the host.
+    pub fn decode_argmax(
+        &self,
+        tokens: &[u32],
+        positions: &[usize],
+        cache: &mut KvCache,
+    ) -> Result<Vec<u32>, TchError> {
+        if let Some(rows) = self.cpu_rows() {
+            let mut ids = vec![0; tokens.len()];
+            let _logits = cpu_decode::decode(&rows, tokens, positions, cache, Some(&mut ids))?;
+            return Ok(ids);
+        }
+        let logits = self.decode_with_ops(tokens, positions, cache)?;
+        let ids = Vec::<i64>::try_from(&logits.f_argmax(-1, false)?.f_to_kind(Kind::Int64)?)?;
+        Ok(ids.into_iter().map(|t| t as u32).collect())
     }
 
     /// Which implementation runs the decode step, for the start-up log.

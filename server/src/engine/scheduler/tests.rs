@@ -1,6 +1,7 @@
 use super::*;
 use crate::engine::request::Event;
 use crate::model::LoadOptions;
+use tch::Kind;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 const CONTEXT: usize = 256;
