@@ -5,7 +5,6 @@
 mod admin;
 mod background;
 mod cli;
-mod log_line;
 mod nats;
 mod pki;
 mod process;
@@ -14,7 +13,6 @@ mod wait;
 pub use admin::{http_get, http_status, HttpResponse, Metrics};
 pub use background::BackgroundGrpc;
 pub use cli::{torchwire, CLI_TIMEOUT};
-pub use log_line::first_log_line;
 pub use nats::NatsServer;
 pub use pki::Pki;
 pub use process::{binary_path, repo_root, ChildProcess, Scaler, Server};

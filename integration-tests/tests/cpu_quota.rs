@@ -5,10 +5,13 @@
 //! Creating cgroups needs root and a writable cgroup file system; where the
 //! machine offers neither, the test says so and passes without checking.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
 
-use torchwire_integration_tests::{binary_path, first_log_line, repo_root};
+use torchwire_integration_tests::{binary_path, repo_root};
 
 /// A cgroup with a CPU quota, removed on drop.
 struct QuotaGroup {
@@ -89,7 +92,7 @@ fn starting_threads(shell_prefix: &str) -> (u64, u64) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the server");
-    let line = first_log_line(&mut child, "starting");
+    let line = starting_line(&mut child);
     let _ = child.kill();
     let _ = child.wait();
     let fields = &line["fields"];
@@ -97,6 +100,30 @@ fn starting_threads(shell_prefix: &str) -> (u64, u64) {
         fields["threads"].as_u64().expect("threads field"),
         fields["usable_cpus"].as_u64().expect("usable_cpus field"),
     )
+}
+
+/// The first JSON log line whose message is `starting`.
+fn starting_line(child: &mut Child) -> serde_json::Value {
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the server logs its start within a minute");
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        if value["fields"]["message"] == "starting" {
+            return value;
+        }
+    }
 }
 
 #[test]

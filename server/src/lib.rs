@@ -11,7 +11,6 @@ pub mod error;
 pub mod fault;
 pub mod model;
 pub mod nats;
-pub mod openmp_wait;
 pub mod security;
 pub mod session;
 pub mod threads;

@@ -5,15 +5,12 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use torchwire_server::config::{Cli, Config};
-use torchwire_server::{app, model, openmp_wait, threads};
+use torchwire_server::{app, model, threads};
 
 /// Exit status for a bad configuration (EX_USAGE), as linkerd does.
 const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
-    // First, while there is no other thread: this may execute the server
-    // again with the OpenMP waiting it runs best with.
-    let openmp = openmp_wait::ensure();
     let cli = Cli::parse();
     let env: Vec<(String, String)> = std::env::vars().collect();
     let config = match Config::load(&cli, &env) {
@@ -55,12 +52,8 @@ fn main() -> ExitCode {
         threads = tch::get_num_threads(),
         usable_cpus = cpus.usable,
         online_cpus = cpus.online,
-        openmp_wait = %openmp,
         "starting"
     );
-    if let openmp_wait::OpenMpWait::Defaults { .. } = openmp {
-        tracing::warn!("idle OpenMP workers spin for libgomp's default time: {openmp}");
-    }
     let code = match runtime.block_on(app::run(config, shutdown_signal())) {
         Ok(()) => 0,
         Err(e) => {
