@@ -2,8 +2,9 @@
 //! weight stored as int8 with one float scale (`w ≈ scale[n] * q[n, :]`,
 //! `q` in -127..=127), quantized once at load from the checkpoint.
 //!
-//! On the CPU the product runs in `cpu_matmul` (int8 widened in registers,
-//! on libtorch's OpenMP threads); on other devices it is
+//! On the CPU the weight is packed in panels of 16 channels and the product
+//! runs in `cpu_matmul` (int8 widened in registers, on libtorch's OpenMP
+//! threads); on other devices it is
 //! libtorch's `_weight_int8pack_mm` where the device has it, else the
 //! weight is widened to the activations' dtype for each product (memory
 //! saved, speed not).
@@ -14,7 +15,8 @@ use super::cpu_matmul::{self, WeightRows};
 
 /// A `[out, in]` projection in int8.
 pub struct Int8Weight {
-    /// `[out, in]` int8, contiguous.
+    /// int8: on the CPU packed in panels `[ceil(out/16), in, 16]`
+    /// (`cpu_matmul::pack`), elsewhere `[out, in]` contiguous.
     weight: Tensor,
     /// `[out]`: float32 on the CPU, the activations' dtype elsewhere.
     scales: Tensor,
@@ -37,21 +39,8 @@ impl Int8Weight {
     /// Quantizes `weight` (`[out, in]`, any float dtype, on its device) for
     /// products whose activations are `kind`, using `threads` threads on CPU.
     pub fn quantize(weight: &Tensor, kind: Kind, threads: usize) -> Result<Self, TchError> {
-        let _guard = tch::no_grad_guard();
+        let (q, scales) = quantized(weight)?;
         let (out, inner) = (weight.size()[0], weight.size()[1]);
-        let w = weight.f_to_kind(Kind::Float)?;
-        let absmax = w.f_abs()?.f_amax([1], true)?;
-        // An all-zero row keeps scale 1 (its int8 values are all 0).
-        let scales = absmax
-            .f_div_scalar(127.0)?
-            .f_where_scalarother(&absmax.f_gt(0.0)?, 1.0)?;
-        let q = w
-            .f_div(&scales)?
-            .f_round()?
-            .f_clamp(-127.0, 127.0)?
-            .f_to_kind(Kind::Int8)?
-            .f_contiguous()?;
-        let scales = scales.f_view([out])?;
         let device = weight.device();
         let mut this = Self {
             weight: q,
@@ -62,22 +51,25 @@ impl Int8Weight {
                 threads: threads.max(1),
             },
         };
-        if device != Device::Cpu {
-            this.scales = this.scales.f_to_kind(kind)?;
-            this.backend = Backend::Packed;
-            // Where the device has no such kernel, the probe fails at load.
-            let probe = Tensor::f_zeros([1, inner], (kind, device))?;
-            if this.mm(&probe).is_err() {
-                tracing::info!(device = ?device, "_weight_int8pack_mm unavailable: int8 weights are widened per product");
-                this.backend = Backend::Widened;
-            }
+        if device == Device::Cpu {
+            // Read in panels of 16 channels, like float32 weights.
+            this.weight = cpu_matmul::pack(&this.weight)?;
+            return Ok(this);
+        }
+        this.scales = this.scales.f_to_kind(kind)?;
+        this.backend = Backend::Packed;
+        // Where the device has no such kernel, the probe fails at load.
+        let probe = Tensor::f_zeros([1, inner], (kind, device))?;
+        if this.mm(&probe).is_err() {
+            tracing::info!(device = ?device, "_weight_int8pack_mm unavailable: int8 weights are widened per product");
+            this.backend = Backend::Widened;
         }
         Ok(this)
     }
 
-    /// Elements of the weight.
+    /// Elements of the weight (without a packed weight's padding).
     pub fn numel(&self) -> usize {
-        self.weight.numel()
+        (self.out * self.inner) as usize
     }
 
     /// Bytes of the int8 weight and its scales.
@@ -117,12 +109,15 @@ impl Int8Weight {
         if !matches!(self.backend, Backend::Cpu { .. }) {
             return None;
         }
-        let (n, k) = (self.out as usize, self.inner as usize);
-        // SAFETY: contiguous int8 `[out, in]` and float32 `[out]` CPU
-        // tensors (made so in `quantize`), borrowed for as long as `self`.
+        let n = self.out as usize;
+        // SAFETY: contiguous int8 panels and float32 `[out]` CPU tensors
+        // (made so in `quantize`), borrowed for as long as `self`.
         Some(unsafe {
             WeightRows::Int8 {
-                w: std::slice::from_raw_parts(self.weight.data_ptr() as *const i8, n * k),
+                w: std::slice::from_raw_parts(
+                    self.weight.data_ptr() as *const i8,
+                    self.weight.numel(),
+                ),
                 scales: std::slice::from_raw_parts(self.scales.data_ptr() as *const f32, n),
             }
         })
@@ -141,6 +136,26 @@ impl Int8Weight {
         let threads = threads.min(tch::get_num_threads().max(1) as usize);
         cpu_matmul::mm(x, rows, self.out as usize, base, threads)
     }
+}
+
+/// `weight` (`[out, in]`, any float dtype) as int8 rows `[out, in]` and a
+/// float32 scale per row (`[out]`), on the weight's device.
+fn quantized(weight: &Tensor) -> Result<(Tensor, Tensor), TchError> {
+    let _guard = tch::no_grad_guard();
+    let out = weight.size()[0];
+    let w = weight.f_to_kind(Kind::Float)?;
+    let absmax = w.f_abs()?.f_amax([1], true)?;
+    // An all-zero row keeps scale 1 (its int8 values are all 0).
+    let scales = absmax
+        .f_div_scalar(127.0)?
+        .f_where_scalarother(&absmax.f_gt(0.0)?, 1.0)?;
+    let q = w
+        .f_div(&scales)?
+        .f_round()?
+        .f_clamp(-127.0, 127.0)?
+        .f_to_kind(Kind::Int8)?
+        .f_contiguous()?;
+    Ok((q, scales.f_view([out])?))
 }
 
 #[cfg(test)]
@@ -187,8 +202,15 @@ mod tests {
         let cpu = Int8Weight::quantize(&w, Kind::Float, 1).unwrap();
         let want = cpu.mm(&x).unwrap();
         for backend in [Backend::Packed, Backend::Widened] {
-            let mut other = Int8Weight::quantize(&w, Kind::Float, 1).unwrap();
-            other.backend = backend;
+            // As on a GPU: int8 rows, not panels.
+            let (q, scales) = quantized(&w).unwrap();
+            let other = Int8Weight {
+                weight: q,
+                scales,
+                out: 64,
+                inner: 32,
+                backend,
+            };
             let got = other.mm(&x).unwrap();
             assert!(rel_err(&got, &want) < 1e-5, "{backend:?}");
         }

@@ -1,7 +1,7 @@
 //! Matrix products on the CPU, the projections of the decode step and of
 //! prompts: `out (+)= x @ W.T` for float32 activations `x` `[M, K]` and a
-//! weight of `N` output channels, float32 packed in panels of 16 channels
-//! (`panels`) or int8 rows `[N, K]` (`kernel`).
+//! weight of `N` output channels, float32 or int8 packed in panels of 16
+//! channels (`panels`).
 //!
 //! At decode batch sizes a projection is bound by memory bandwidth: the whole
 //! weight streams through once per step. libtorch's MKL runs such products on
@@ -24,38 +24,38 @@ pub use panels::{pack, panel_count, unpack_row, PANEL};
 pub use parallel::on_openmp;
 pub use team::{run_team, Chunks, Member, Regions};
 
-/// Output channels a thread takes at a time at least (a panel of 16, and a
-/// multiple of the int8 kernel's tile of 4 weight rows).
+/// Output channels a thread takes at a time at least: a panel of 16.
 const MIN_CHUNK: usize = 16;
 
 /// Products smaller than this many multiply-adds run on the calling thread.
 const PARALLEL_WORK: usize = 1 << 16;
 
-/// A weight as the kernel reads it: float32 packed in panels, or int8 rows.
+/// A weight as the kernel reads it: float32 or int8 packed in panels.
 #[derive(Clone, Copy)]
 pub enum WeightRows<'a> {
     /// `[ceil(N/16), K, 16]`, see [`pack`].
     F32Panels(&'a [f32]),
-    /// `w[n, k] ≈ scales[n] * q[n, k]`.
+    /// `q` packed the same way, `w[n, k] ≈ scales[n] * q[n, k]`.
     Int8 { w: &'a [i8], scales: &'a [f32] },
 }
 
 impl WeightRows<'_> {
     /// The elements a weight of `n` rows of `k` must have.
     pub fn fits(&self, n: usize, k: usize) -> bool {
+        let panels = panel_count(n) * k * PANEL;
         match self {
-            Self::F32Panels(w) => w.len() == panel_count(n) * k * PANEL,
-            Self::Int8 { w, scales } => w.len() == n * k && scales.len() == n,
+            Self::F32Panels(w) => w.len() == panels,
+            Self::Int8 { w, scales } => w.len() == panels && scales.len() == n,
         }
     }
 
     /// The input width of a weight of `n` rows.
     fn width(&self, n: usize) -> usize {
-        let (len, rows) = match self {
-            Self::F32Panels(w) => (w.len(), panel_count(n) * PANEL),
-            Self::Int8 { w, .. } => (w.len(), n),
+        let len = match self {
+            Self::F32Panels(w) => w.len(),
+            Self::Int8 { w, .. } => w.len(),
         };
-        len.checked_div(rows).unwrap_or(0)
+        len.checked_div(panel_count(n) * PANEL).unwrap_or(0)
     }
 }
 
@@ -290,7 +290,7 @@ mod tests {
             false,
             1
         ));
-        let q = vec![0i8; 4 * 8];
+        let q = vec![0i8; PANEL * 8];
         let scales = [1.0; 3];
         let w = WeightRows::Int8 {
             w: &q,

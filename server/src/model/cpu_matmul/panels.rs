@@ -1,8 +1,11 @@
-//! Float32 weights packed in panels, and the product over them.
+//! Weights packed in panels, float32 or int8, and the product over them.
 //!
 //! A panel holds 16 consecutive weight rows (output channels) interleaved by
 //! input index: `panel[p][k][c] = w[16 p + c, k]`, so the whole weight is one
 //! contiguous `[N/16, K, 16]` block (the last panel padded with zero rows).
+//! An int8 panel is read the same way, 16 bytes an input index widened to
+//! float32 in registers, and each channel's scale applied once to its sum
+//! (`w[n, k] = scale[n] * q[n, k]`).
 //! The product is an outer product per input index: each `x[m, k]` is
 //! broadcast and multiplied into the 16 channels of the panel's row `k`,
 //! accumulating in registers, no horizontal sums. Two things follow, both
@@ -33,12 +36,13 @@ pub fn panel_count(n: usize) -> usize {
     n.div_ceil(PANEL)
 }
 
-/// Packs a float32 `[N, K]` weight into `[ceil(N/16), K, 16]` panels.
+/// Packs a float32 or int8 `[N, K]` weight into `[ceil(N/16), K, 16]`
+/// panels of its dtype.
 pub fn pack(weight: &Tensor) -> Result<Tensor, TchError> {
     let size = weight.size();
-    if size.len() != 2 || weight.kind() != Kind::Float {
+    if size.len() != 2 || !matches!(weight.kind(), Kind::Float | Kind::Int8) {
         return Err(TchError::Shape(format!(
-            "panels of a {:?} {size:?} weight: want float32 [out, in]",
+            "panels of a {:?} {size:?} weight: want float32 or int8 [out, in]",
             weight.kind()
         )));
     }
@@ -67,7 +71,7 @@ pub fn unpack_row(panels: &[f32], k: usize, row: usize, out: &mut [f32]) {
 
 /// The tile sets, fastest first where the CPU has them.
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Tiles {
+pub enum Tiles {
     /// 6 rows to a tile, two 256-bit registers per panel row.
     Avx2,
     /// Plain Rust (CPUs without AVX2; the reference the others are tested
@@ -85,37 +89,95 @@ impl Tiles {
     }
 }
 
-/// Output columns `cols` of `job`, whose weight is `panels`.
+/// A weight element a panel holds.
+pub trait Element: Copy + Into<f32> {}
+impl Element for f32 {}
+impl Element for i8 {}
+
+/// A packed weight: its panels, and a scale per output channel where its
+/// elements are int8.
+#[derive(Clone, Copy)]
+pub struct Packed<'a, E> {
+    pub panels: &'a [E],
+    pub scales: Option<&'a [f32]>,
+}
+
+/// Output columns `cols` of `job`, whose weight is `w`.
 ///
 /// # Safety
-/// As for `kernel::columns`; `cols.start` a multiple of [`PANEL`] and
-/// `panels` holds `ceil(job.n / 16) * job.k * 16` elements.
-pub unsafe fn columns(job: &Job, panels: &[f32], cols: Range<usize>) {
+/// As for `kernel::columns`; `cols.start` a multiple of [`PANEL`],
+/// `w.panels` holds `ceil(job.n / 16) * job.k * 16` elements and the scales
+/// (if any) `job.n`.
+pub unsafe fn columns<E: Element>(job: &Job, w: Packed<E>, cols: Range<usize>)
+where
+    Tiles: TileSet<E>,
+{
     // SAFETY: upheld by the caller; `best` only names tiles the CPU runs.
-    unsafe { columns_with(Tiles::best(), job, panels, cols) }
+    unsafe { columns_with(Tiles::best(), job, w, cols) }
 }
 
 /// [`columns`] in plain Rust.
 ///
 /// # Safety
 /// As for [`columns`].
-pub unsafe fn columns_portable(job: &Job, panels: &[f32], cols: Range<usize>) {
+#[cfg(test)]
+pub unsafe fn columns_portable<E: Element>(job: &Job, w: Packed<E>, cols: Range<usize>)
+where
+    Tiles: TileSet<E>,
+{
     // SAFETY: upheld by the caller.
-    unsafe { columns_with(Tiles::Portable, job, panels, cols) }
+    unsafe { columns_with(Tiles::Portable, job, w, cols) }
+}
+
+/// The vector tiles for one element type.
+pub trait TileSet<E> {
+    /// Panels `range` against `x` rows `rows`.
+    ///
+    /// # Safety
+    /// As for [`columns`], and the CPU runs `self`.
+    unsafe fn block(self, job: &Job, w: Packed<E>, range: Range<usize>, rows: Range<usize>);
+}
+
+impl TileSet<f32> for Tiles {
+    unsafe fn block(self, job: &Job, w: Packed<f32>, range: Range<usize>, rows: Range<usize>) {
+        match self {
+            // SAFETY: upheld by the caller.
+            #[cfg(target_arch = "x86_64")]
+            Tiles::Avx2 => unsafe { avx2::block::<avx2::F32>(job, w, range, rows) },
+            _ => portable_block(job, w, range, rows),
+        }
+    }
+}
+
+impl TileSet<i8> for Tiles {
+    unsafe fn block(self, job: &Job, w: Packed<i8>, range: Range<usize>, rows: Range<usize>) {
+        match self {
+            // SAFETY: upheld by the caller.
+            #[cfg(target_arch = "x86_64")]
+            Tiles::Avx2 => unsafe { avx2::block::<avx2::I8>(job, w, range, rows) },
+            _ => portable_block(job, w, range, rows),
+        }
+    }
 }
 
 /// [`columns`] on `tiles`.
 ///
 /// # Safety
 /// As for [`columns`], and the CPU runs `tiles`.
-unsafe fn columns_with(tiles: Tiles, job: &Job, panels: &[f32], cols: Range<usize>) {
-    let w = panels.as_ptr();
-    for_blocks(job, cols, |range, rows| match tiles {
-        // SAFETY: upheld by the caller.
-        #[cfg(target_arch = "x86_64")]
-        Tiles::Avx2 => unsafe { avx2::block(job, w, range, rows) },
-        _ => portable_block(job, panels, range, rows),
+unsafe fn columns_with<E: Element>(tiles: Tiles, job: &Job, w: Packed<E>, cols: Range<usize>)
+where
+    Tiles: TileSet<E>,
+{
+    // SAFETY: upheld by the caller.
+    for_blocks(job, cols, |range, rows| unsafe {
+        tiles.block(job, w, range, rows)
     });
+}
+
+/// The scale of output channel `n` (1 for float32 weights).
+#[inline(always)]
+fn scale_of(scales: Option<&[f32]>, n: usize) -> f32 {
+    scales.map_or(1.0, |s| s[n])
 }
 
 /// Calls `body` with the panels of `cols` and each block of `x` rows.
@@ -132,22 +194,23 @@ fn for_blocks(job: &Job, cols: Range<usize>, mut body: impl FnMut(Range<usize>, 
 }
 
 /// Panels `range` against `x` rows `rows`, one row and panel at a time.
-fn portable_block(job: &Job, panels: &[f32], range: Range<usize>, rows: Range<usize>) {
+fn portable_block<E: Element>(job: &Job, w: Packed<E>, range: Range<usize>, rows: Range<usize>) {
     let k = job.k;
     for p in range {
-        let panel = &panels[p * k * PANEL..][..k * PANEL];
+        let panel = &w.panels[p * k * PANEL..][..k * PANEL];
         let width = PANEL.min(job.n - p * PANEL);
         for m in rows.clone() {
             let x = &job.x[m * k..][..k];
             let mut acc = [0f32; PANEL];
             for (xi, w) in x.iter().zip(panel.chunks_exact(PANEL)) {
-                for (a, w) in acc.iter_mut().zip(w) {
-                    *a += xi * w;
+                for (a, &w) in acc.iter_mut().zip(w) {
+                    *a += xi * w.into();
                 }
             }
             for (c, &v) in acc[..width].iter().enumerate() {
+                let n = p * PANEL + c;
                 // SAFETY: (m, column) inside the output; the columns are ours.
-                unsafe { job.store(m, p * PANEL + c, v) };
+                unsafe { job.store(m, n, v * scale_of(w.scales, n)) };
             }
         }
     }
@@ -161,37 +224,91 @@ mod avx2 {
     use std::arch::x86_64::*;
     use std::ops::Range;
 
-    use super::{Job, PANEL};
+    use super::{Element, Job, Packed, PANEL};
+
+    /// How the tiles read a panel row of 16 elements, widened to float32.
+    pub(super) trait Load {
+        type Elem: Element;
+        /// Input indices ahead that a one-row product asks for (none: the
+        /// hardware prefetcher alone).
+        const AHEAD: usize;
+        /// The 16 elements at `w` as two vectors of 8 floats.
+        unsafe fn row(w: *const Self::Elem) -> [__m256; 2];
+    }
+
+    pub(super) struct F32;
+    pub(super) struct I8;
+
+    impl Load for F32 {
+        type Elem = f32;
+        // Reached the read ceiling without (BENCHMARKS.md).
+        const AHEAD: usize = 0;
+        #[inline(always)]
+        unsafe fn row(w: *const f32) -> [__m256; 2] {
+            [_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8))]
+        }
+    }
+
+    impl Load for I8 {
+        type Elem = i8;
+        // Four cache lines ahead: a 1-row int8 product is otherwise
+        // 5-10 % slower than the row kernel it replaced, which prefetched.
+        const AHEAD: usize = 64;
+        #[inline(always)]
+        unsafe fn row(w: *const i8) -> [__m256; 2] {
+            let v = _mm_loadu_si128(w as *const __m128i);
+            [
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(v))),
+            ]
+        }
+    }
 
     /// Panels `range` against `x` rows `rows`: for each panel, six rows at
     /// a time while there are six, then four, two, one. The first tile of a
     /// panel reads it from memory, the others from cache.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn block(
+    pub(super) unsafe fn block<L: Load>(
         job: &Job,
-        panels: *const f32,
+        w: Packed<L::Elem>,
         range: Range<usize>,
         rows: Range<usize>,
     ) {
         let k = job.k;
         for p in range {
-            let panel = panels.add(p * k * PANEL);
+            let panel = w.panels.as_ptr().add(p * k * PANEL);
+            let scales = channel_scales(job, w.scales, p);
             let mut m = rows.start;
             while m < rows.end {
                 let left = rows.end - m;
                 m += if left >= 6 {
-                    tile::<6>(job, panel, m, p)
+                    tile::<L, 6>(job, panel, m, p, scales)
                 } else if left >= 4 {
-                    tile::<4>(job, panel, m, p)
+                    tile::<L, 4>(job, panel, m, p, scales)
                 } else if left >= 2 {
-                    tile::<2>(job, panel, m, p)
+                    tile::<L, 2>(job, panel, m, p, scales)
                 } else {
-                    let [lo, hi] = single(job, panel, m);
-                    store(job, m, p, lo, hi);
+                    let [lo, hi] = single::<L>(job, panel, m);
+                    store(job, m, p, lo, hi, scales);
                     1
                 };
             }
         }
+    }
+
+    /// The scales of panel `p`'s 16 channels (zero past the last channel),
+    /// or `None` for float32 weights.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn channel_scales(job: &Job, scales: Option<&[f32]>, p: usize) -> Option<[__m256; 2]> {
+        let scales = scales?;
+        let mut lanes = [0f32; PANEL];
+        let width = PANEL.min(job.n - p * PANEL);
+        lanes[..width].copy_from_slice(&scales[p * PANEL..][..width]);
+        Some([
+            _mm256_loadu_ps(lanes.as_ptr()),
+            _mm256_loadu_ps(lanes.as_ptr().add(8)),
+        ])
     }
 
     /// `MR` rows of `x` from row `m` against panel `p` (at `panel`), stored:
@@ -199,13 +316,18 @@ mod avx2 {
     /// times. Returns `MR`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn tile<const MR: usize>(job: &Job, panel: *const f32, m: usize, p: usize) -> usize {
+    unsafe fn tile<L: Load, const MR: usize>(
+        job: &Job,
+        panel: *const L::Elem,
+        m: usize,
+        p: usize,
+        scales: Option<[__m256; 2]>,
+    ) -> usize {
         let k = job.k;
         let x = job.x.as_ptr().add(m * k);
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         for i in 0..k {
-            let w = panel.add(i * PANEL);
-            let (w0, w1) = (_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8)));
+            let [w0, w1] = L::row(panel.add(i * PANEL));
             for (r, acc) in acc.iter_mut().enumerate() {
                 let xb = _mm256_broadcast_ss(&*x.add(r * k + i));
                 acc[0] = _mm256_fmadd_ps(xb, w0, acc[0]);
@@ -213,7 +335,7 @@ mod avx2 {
             }
         }
         for (r, acc) in acc.iter().enumerate() {
-            store(job, m + r, p, acc[0], acc[1]);
+            store(job, m + r, p, acc[0], acc[1], scales);
         }
         MR
     }
@@ -223,25 +345,32 @@ mod avx2 {
     /// hold back the stream of weights.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn single(job: &Job, panel: *const f32, m: usize) -> [__m256; 2] {
+    unsafe fn single<L: Load>(job: &Job, panel: *const L::Elem, m: usize) -> [__m256; 2] {
         let k = job.k;
         let x = job.x.as_ptr().add(m * k);
         let mut acc = [[_mm256_setzero_ps(); 2]; 4];
         let mut i = 0;
         while i + 4 <= k {
-            let w = panel.add(i * PANEL);
+            if L::AHEAD > 0 {
+                // Non-temporal, well ahead: the weight is read once a step
+                // and should not push the activations and the cache out.
+                // (A prefetch never faults, even past the end.)
+                let ahead = panel.wrapping_add((i + L::AHEAD) * PANEL);
+                _mm_prefetch::<_MM_HINT_NTA>(ahead as *const i8);
+            }
             for (j, acc) in acc.iter_mut().enumerate() {
+                let [w0, w1] = L::row(panel.add((i + j) * PANEL));
                 let xb = _mm256_broadcast_ss(&*x.add(i + j));
-                acc[0] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w.add(j * PANEL)), acc[0]);
-                acc[1] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w.add(j * PANEL + 8)), acc[1]);
+                acc[0] = _mm256_fmadd_ps(xb, w0, acc[0]);
+                acc[1] = _mm256_fmadd_ps(xb, w1, acc[1]);
             }
             i += 4;
         }
         while i < k {
-            let w = panel.add(i * PANEL);
+            let [w0, w1] = L::row(panel.add(i * PANEL));
             let xb = _mm256_broadcast_ss(&*x.add(i));
-            acc[0][0] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w), acc[0][0]);
-            acc[0][1] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(w.add(8)), acc[0][1]);
+            acc[0][0] = _mm256_fmadd_ps(xb, w0, acc[0][0]);
+            acc[0][1] = _mm256_fmadd_ps(xb, w1, acc[0][1]);
             i += 1;
         }
         let sum = |h: usize| {
@@ -253,11 +382,22 @@ mod avx2 {
         [sum(0), sum(1)]
     }
 
-    /// Writes (or adds) the 16 channels of panel `p` for row `m`, fewer
-    /// where the last panel is padding.
+    /// Writes (or adds) the 16 channels of panel `p` for row `m`, scaled
+    /// where the weight is int8, fewer where the last panel is padding.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn store(job: &Job, m: usize, p: usize, lo: __m256, hi: __m256) {
+    unsafe fn store(
+        job: &Job,
+        m: usize,
+        p: usize,
+        lo: __m256,
+        hi: __m256,
+        scales: Option<[__m256; 2]>,
+    ) {
+        let (lo, hi) = match scales {
+            Some([s0, s1]) => (_mm256_mul_ps(lo, s0), _mm256_mul_ps(hi, s1)),
+            None => (lo, hi),
+        };
         let mut lanes = [0f32; PANEL];
         _mm256_storeu_ps(lanes.as_mut_ptr(), lo);
         _mm256_storeu_ps(lanes.as_mut_ptr().add(8), hi);
@@ -270,6 +410,7 @@ mod avx2 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::WeightRows;
     use super::*;
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
@@ -287,27 +428,53 @@ mod tests {
             .chain([(33, 9, 16), (100, 1536, 20), (3, 1, 5)]);
         for (m, k, n) in shapes {
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-2.0..2.0)).collect();
-            let panels: Vec<f32> = (0..panel_count(n) * k * PANEL)
+            let floats: Vec<f32> = (0..panel_count(n) * k * PANEL)
                 .map(|_| rng.random_range(-1.0..1.0))
                 .collect();
-            // The product on `tiles` into `out`, added where `accumulate`.
-            let run = |tiles, out: &mut [f32], accumulate| {
-                let w = super::super::WeightRows::F32Panels(&panels);
-                let job = Job::new(&x, w, (m, k, n), out, accumulate).unwrap();
-                // SAFETY: a consistent job on one thread; the CPU runs `tiles`.
-                unsafe { columns_with(tiles, &job, &panels, 0..n) };
+            let bytes: Vec<i8> = (0..panel_count(n) * k * PANEL)
+                .map(|_| rng.random_range(-127..=127))
+                .collect();
+            let scales: Vec<f32> = (0..n).map(|_| rng.random_range(0.001..0.1)).collect();
+            let f32_weight = Packed {
+                panels: &floats,
+                scales: None,
             };
-            let mut want = vec![0.0; m * n];
-            run(Tiles::Portable, &mut want, false);
-            for &tiles in &sets {
-                let mut got = vec![1.0; m * n];
-                run(tiles, &mut got, true);
-                for (g, w) in got.iter().zip(&want) {
-                    let tol = 1e-4 * (1.0 + w.abs()) * (k as f32 / 64.0).sqrt().max(1.0);
-                    assert!(
-                        (g - 1.0 - w).abs() <= tol,
-                        "{tiles:?} m={m} k={k} n={n}: {g} - 1 against {w}"
-                    );
+            let i8_weight = Packed {
+                panels: &bytes,
+                scales: Some(&scales),
+            };
+            let rows = [
+                WeightRows::F32Panels(&floats),
+                WeightRows::Int8 {
+                    w: &bytes,
+                    scales: &scales,
+                },
+            ];
+            for (i, rows) in rows.into_iter().enumerate() {
+                // The product on `tiles` into `out`, added where `accumulate`.
+                let run = |tiles, out: &mut [f32], accumulate| {
+                    let job = Job::new(&x, rows, (m, k, n), out, accumulate).unwrap();
+                    // SAFETY: a consistent job on one thread; the CPU runs `tiles`.
+                    unsafe {
+                        if i == 0 {
+                            columns_with(tiles, &job, f32_weight, 0..n)
+                        } else {
+                            columns_with(tiles, &job, i8_weight, 0..n)
+                        }
+                    };
+                };
+                let mut want = vec![0.0; m * n];
+                run(Tiles::Portable, &mut want, false);
+                for &tiles in &sets {
+                    let mut got = vec![1.0; m * n];
+                    run(tiles, &mut got, true);
+                    for (g, w) in got.iter().zip(&want) {
+                        let tol = 1e-4 * (1.0 + w.abs()) * (k as f32 / 64.0).sqrt().max(1.0);
+                        assert!(
+                            (g - 1.0 - w).abs() <= tol,
+                            "{tiles:?} weight {i} m={m} k={k} n={n}: {g} - 1 against {w}"
+                        );
+                    }
                 }
             }
         }
