@@ -71,7 +71,7 @@ pub fn unpack_row(panels: &[f32], k: usize, row: usize, out: &mut [f32]) {
 
 /// The tile sets, fastest first where the CPU has them.
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Tiles {
+enum Tiles {
     /// 6 rows to a tile, two 256-bit registers per panel row.
     Avx2,
     /// Plain Rust (CPUs without AVX2; the reference the others are tested
@@ -89,7 +89,12 @@ impl Tiles {
     }
 }
 
-/// A weight element a panel holds.
+/// A weight element a panel holds: widened to float32 by the portable
+/// loop, and by the AVX2 tiles 16 at a time (`avx2::Load`).
+#[cfg(target_arch = "x86_64")]
+pub trait Element: Copy + Into<f32> + avx2::Load {}
+/// A weight element a panel holds, widened to float32.
+#[cfg(not(target_arch = "x86_64"))]
 pub trait Element: Copy + Into<f32> {}
 impl Element for f32 {}
 impl Element for i8 {}
@@ -108,10 +113,7 @@ pub struct Packed<'a, E> {
 /// As for `kernel::columns`; `cols.start` a multiple of [`PANEL`],
 /// `w.panels` holds `ceil(job.n / 16) * job.k * 16` elements and the scales
 /// (if any) `job.n`.
-pub unsafe fn columns<E: Element>(job: &Job, w: Packed<E>, cols: Range<usize>)
-where
-    Tiles: TileSet<E>,
-{
+pub unsafe fn columns<E: Element>(job: &Job, w: Packed<E>, cols: Range<usize>) {
     // SAFETY: upheld by the caller; `best` only names tiles the CPU runs.
     unsafe { columns_with(Tiles::best(), job, w, cols) }
 }
@@ -121,56 +123,21 @@ where
 /// # Safety
 /// As for [`columns`].
 #[cfg(test)]
-pub unsafe fn columns_portable<E: Element>(job: &Job, w: Packed<E>, cols: Range<usize>)
-where
-    Tiles: TileSet<E>,
-{
+pub unsafe fn columns_portable<E: Element>(job: &Job, w: Packed<E>, cols: Range<usize>) {
     // SAFETY: upheld by the caller.
     unsafe { columns_with(Tiles::Portable, job, w, cols) }
-}
-
-/// The vector tiles for one element type.
-pub trait TileSet<E> {
-    /// Panels `range` against `x` rows `rows`.
-    ///
-    /// # Safety
-    /// As for [`columns`], and the CPU runs `self`.
-    unsafe fn block(self, job: &Job, w: Packed<E>, range: Range<usize>, rows: Range<usize>);
-}
-
-impl TileSet<f32> for Tiles {
-    unsafe fn block(self, job: &Job, w: Packed<f32>, range: Range<usize>, rows: Range<usize>) {
-        match self {
-            // SAFETY: upheld by the caller.
-            #[cfg(target_arch = "x86_64")]
-            Tiles::Avx2 => unsafe { avx2::block::<avx2::F32>(job, w, range, rows) },
-            _ => portable_block(job, w, range, rows),
-        }
-    }
-}
-
-impl TileSet<i8> for Tiles {
-    unsafe fn block(self, job: &Job, w: Packed<i8>, range: Range<usize>, rows: Range<usize>) {
-        match self {
-            // SAFETY: upheld by the caller.
-            #[cfg(target_arch = "x86_64")]
-            Tiles::Avx2 => unsafe { avx2::block::<avx2::I8>(job, w, range, rows) },
-            _ => portable_block(job, w, range, rows),
-        }
-    }
 }
 
 /// [`columns`] on `tiles`.
 ///
 /// # Safety
 /// As for [`columns`], and the CPU runs `tiles`.
-unsafe fn columns_with<E: Element>(tiles: Tiles, job: &Job, w: Packed<E>, cols: Range<usize>)
-where
-    Tiles: TileSet<E>,
-{
-    // SAFETY: upheld by the caller.
-    for_blocks(job, cols, |range, rows| unsafe {
-        tiles.block(job, w, range, rows)
+unsafe fn columns_with<E: Element>(tiles: Tiles, job: &Job, w: Packed<E>, cols: Range<usize>) {
+    for_blocks(job, cols, |range, rows| match tiles {
+        // SAFETY: upheld by the caller.
+        #[cfg(target_arch = "x86_64")]
+        Tiles::Avx2 => unsafe { avx2::block(job, w, range, rows) },
+        _ => portable_block(job, w, range, rows),
     });
 }
 
@@ -227,20 +194,15 @@ mod avx2 {
     use super::{Element, Job, Packed, PANEL};
 
     /// How the tiles read a panel row of 16 elements, widened to float32.
-    pub(super) trait Load {
-        type Elem: Element;
+    pub trait Load: Sized {
         /// Input indices ahead that a one-row product asks for (none: the
         /// hardware prefetcher alone).
         const AHEAD: usize;
         /// The 16 elements at `w` as two vectors of 8 floats.
-        unsafe fn row(w: *const Self::Elem) -> [__m256; 2];
+        unsafe fn row(w: *const Self) -> [__m256; 2];
     }
 
-    pub(super) struct F32;
-    pub(super) struct I8;
-
-    impl Load for F32 {
-        type Elem = f32;
+    impl Load for f32 {
         // Reached the read ceiling without (BENCHMARKS.md).
         const AHEAD: usize = 0;
         #[inline(always)]
@@ -249,8 +211,7 @@ mod avx2 {
         }
     }
 
-    impl Load for I8 {
-        type Elem = i8;
+    impl Load for i8 {
         // Four cache lines ahead: a 1-row int8 product is otherwise
         // 5-10 % slower than the row kernel it replaced, which prefetched.
         const AHEAD: usize = 64;
@@ -268,9 +229,9 @@ mod avx2 {
     /// a time while there are six, then four, two, one. The first tile of a
     /// panel reads it from memory, the others from cache.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn block<L: Load>(
+    pub(super) unsafe fn block<L: Element>(
         job: &Job,
-        w: Packed<L::Elem>,
+        w: Packed<L>,
         range: Range<usize>,
         rows: Range<usize>,
     ) {
@@ -318,7 +279,7 @@ mod avx2 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile<L: Load, const MR: usize>(
         job: &Job,
-        panel: *const L::Elem,
+        panel: *const L,
         m: usize,
         p: usize,
         scales: Option<[__m256; 2]>,
@@ -345,7 +306,7 @@ mod avx2 {
     /// hold back the stream of weights.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn single<L: Load>(job: &Job, panel: *const L::Elem, m: usize) -> [__m256; 2] {
+    unsafe fn single<L: Load>(job: &Job, panel: *const L, m: usize) -> [__m256; 2] {
         let k = job.k;
         let x = job.x.as_ptr().add(m * k);
         let mut acc = [[_mm256_setzero_ps(); 2]; 4];
