@@ -37,6 +37,7 @@ const ENV: EnvLayout = EnvLayout {
     // named "true" stays a string.
     typed_keys: &[
         "threads",
+        "runtime_threads",
         "shutdown_grace_secs",
         "max_batch_size",
         "max_prefill_tokens",
@@ -149,6 +150,10 @@ pub struct Cli {
     /// use: its affinity mask and cgroup CPU quota).
     #[arg(long)]
     pub threads: Option<u32>,
+    /// Async runtime (gRPC, NATS) worker threads (config: runtime_threads; default:
+    /// the usable CPUs the model threads leave, at least 1).
+    #[arg(long, value_name = "N")]
+    pub runtime_threads: Option<u32>,
     /// Seconds streams in flight may take to finish on shutdown (config: shutdown_grace_secs).
     #[arg(long, value_name = "SECS")]
     pub shutdown_grace: Option<u64>,
@@ -205,6 +210,9 @@ pub struct Config {
     /// Torch intra-op threads; unset = the CPUs the process may use (affinity
     /// mask and cgroup CPU quota, e.g. a Kubernetes CPU limit).
     pub threads: Option<u32>,
+    /// Async runtime worker threads; unset = the usable CPUs that the model
+    /// threads leave, at least one.
+    pub runtime_threads: Option<u32>,
     /// Seconds in-flight streams get to finish after SIGTERM/SIGINT.
     pub shutdown_grace_secs: u64,
     /// `text` or `json` log lines.
@@ -239,6 +247,7 @@ impl Default for Config {
             default_model: None,
             models: BTreeMap::new(),
             threads: None,
+            runtime_threads: None,
             shutdown_grace_secs: 30,
             log_format: LogFormat::Text,
             otlp_endpoint: None,
@@ -341,6 +350,9 @@ impl Config {
         }
         if let Some(threads) = cli.threads {
             self.threads = Some(threads);
+        }
+        if let Some(threads) = cli.runtime_threads {
+            self.runtime_threads = Some(threads);
         }
         if let Some(admin) = &cli.admin_listen {
             self.admin_listen = admin.clone();
@@ -480,6 +492,9 @@ impl Config {
         self.sessions.validate()?;
         if let Some(0) = self.threads {
             return Err(ServerError::config("threads", "must be at least 1"));
+        }
+        if let Some(0) = self.runtime_threads {
+            return Err(ServerError::config("runtime_threads", "must be at least 1"));
         }
         if let Some(name) = &self.default_model {
             if !self.models.contains_key(name) {
@@ -675,6 +690,7 @@ mod tests {
         let e = env(&[
             ("TORCHWIRE_LISTEN", "127.0.0.1:2"),
             ("TORCHWIRE_THREADS", "2"),
+            ("TORCHWIRE_RUNTIME_THREADS", "3"),
             ("TORCHWIRE_MODELS__M__QUEUE_SIZE", "7"),
         ]);
         let c = Config::load(&cli, &e).unwrap();
@@ -682,6 +698,7 @@ mod tests {
             (c.listen.as_str(), c.threads, c.models["m"].queue_size),
             ("127.0.0.1:2", Some(2), 7)
         );
+        assert_eq!(c.runtime_threads, Some(3));
         assert_eq!(
             c.shutdown_grace_secs, 5,
             "untouched keys keep the file's value"
@@ -689,7 +706,9 @@ mod tests {
         // Flags beat env.
         cli.listen = Some("127.0.0.1:3".into());
         cli.queue_size = Some(9);
+        cli.runtime_threads = Some(1);
         let c = Config::load(&cli, &e).unwrap();
+        assert_eq!(c.runtime_threads, Some(1));
         assert_eq!(
             (
                 c.listen.as_str(),
@@ -707,6 +726,8 @@ mod tests {
         let cases = [
             (vec![("TORCHWIRE_LISTEN", "nowhere")], "listen"),
             (vec![("TORCHWIRE_THREADS", "many")], "threads"),
+            (vec![("TORCHWIRE_RUNTIME_THREADS", "0")], "runtime_threads"),
+            (vec![("TORCHWIRE_RUNTIME_THREADS", "-1")], "runtime_threads"),
             (
                 vec![("TORCHWIRE_MODELS__M__MAX_BATCH_SIZE", "0")],
                 "models.m.max_batch_size",

@@ -20,7 +20,24 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let cuda = model::load_cuda_runtime();
+    // libtorch would default to every core of the host, ignoring a CPU
+    // limit: default to the CPUs this process may really use.
+    let cpus = threads::CpuBudget::current();
+    let intra_op = config
+        .threads
+        .map_or_else(|| cpus.default_threads(), |t| t as usize);
+    tch::set_num_threads(intra_op as i32);
+    let devices = config.models.values().map(|m| m.device.as_str());
+    let compute = threads::compute_threads(devices, tch::Cuda::is_available(), intra_op);
+    let runtime_threads = config
+        .runtime_threads
+        .map_or_else(|| cpus.default_runtime_threads(compute), |t| t as usize);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(runtime_threads)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("torchwire-server: cannot start the async runtime: {e}");
@@ -38,18 +55,11 @@ fn main() -> ExitCode {
             matches!(config.admin_addr(), Ok(Some(_))),
         )
     };
-    let cuda = model::load_cuda_runtime();
-    // libtorch would default to every core of the host, ignoring a CPU
-    // limit: default to the CPUs this process may really use.
-    let cpus = threads::CpuBudget::current();
-    let threads = config
-        .threads
-        .map_or_else(|| cpus.default_threads(), |t| t as usize);
-    tch::set_num_threads(threads as i32);
     tracing::info!(
         cuda_runtime = cuda,
         cuda_available = tch::Cuda::is_available(),
         threads = tch::get_num_threads(),
+        runtime_threads,
         usable_cpus = cpus.usable,
         online_cpus = cpus.online,
         "starting"

@@ -33,6 +33,35 @@ impl CpuBudget {
     pub fn default_threads(&self) -> usize {
         self.usable.max(1)
     }
+
+    /// The async runtime's worker threads when none are configured: the
+    /// usable CPUs that `compute` threads (the models' intra-op teams, or
+    /// one per model on a GPU) leave, and at least one. gRPC and NATS work
+    /// is light next to a decode step; a worker per core beside spinning
+    /// OpenMP threads only wakes, steals from its sibling and preempts the
+    /// model thread (on two cores, 2 workers gave 15-27 % fewer tokens/s
+    /// at concurrency 16 than 1: BENCHMARKS.md).
+    pub fn default_runtime_threads(&self, compute: usize) -> usize {
+        self.usable.saturating_sub(compute).max(1)
+    }
+}
+
+/// Cores the models keep busy: the intra-op team (`threads`) where a model
+/// runs on the CPU (device `cpu`, or `auto` without CUDA), else the model
+/// thread of each model on a GPU.
+pub fn compute_threads<'a>(
+    devices: impl Iterator<Item = &'a str>,
+    cuda: bool,
+    threads: usize,
+) -> usize {
+    let mut models = 0;
+    for device in devices {
+        if device == "cpu" || (device == "auto" && !cuda) {
+            return threads;
+        }
+        models += 1;
+    }
+    models
 }
 
 /// CPUs online on the host (`sysconf(_SC_NPROCESSORS_ONLN)`).
@@ -51,5 +80,28 @@ mod tests {
         let budget = CpuBudget::current();
         assert!(budget.default_threads() >= 1);
         assert!(budget.usable <= budget.online, "{budget:?}");
+    }
+
+    #[test]
+    fn the_runtime_gets_the_cpus_compute_leaves_and_at_least_one() {
+        let budget = CpuBudget {
+            usable: 8,
+            online: 64,
+        };
+        assert_eq!(budget.default_runtime_threads(8), 1);
+        assert_eq!(budget.default_runtime_threads(12), 1);
+        assert_eq!(budget.default_runtime_threads(2), 6);
+        assert_eq!(budget.default_runtime_threads(0), 8);
+    }
+
+    #[test]
+    fn cpu_models_keep_their_team_busy_gpu_models_one_thread() {
+        assert_eq!(compute_threads(["auto"].into_iter(), false, 4), 4);
+        assert_eq!(compute_threads(["auto"].into_iter(), true, 4), 1);
+        assert_eq!(
+            compute_threads(["cuda:0", "cuda:1"].into_iter(), true, 4),
+            2
+        );
+        assert_eq!(compute_threads(["cuda", "cpu"].into_iter(), true, 4), 4);
     }
 }

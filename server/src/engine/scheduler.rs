@@ -52,10 +52,8 @@ struct Sequence {
 
 /// What emitting a sampled token did to its sequence.
 enum Emitted {
-    /// It goes on.
-    More,
-    /// Its client has gone: it leaves the batch.
-    Gone,
+    /// It goes on: this message is sent with the rest of the step's.
+    More(Event),
     /// It finished: this last message is sent once it has left the counts
     /// and its prefix is stored.
     Last(Event),
@@ -519,19 +517,33 @@ impl Scheduler {
         // Taken out while emitting so that `emit` may borrow the scheduler.
         let mut running = std::mem::take(&mut self.running);
         let mut done = Vec::new();
+        let mut more = Vec::with_capacity(sampled.len());
         let mut last = Vec::new();
         for (i, (seq, s)) in running[first..].iter_mut().zip(sampled).enumerate() {
             match self.emit(seq, s) {
-                Emitted::More => continue,
-                Emitted::Gone => {}
+                Emitted::More(event) => more.push((first + i, event)),
                 Emitted::Last(event) => {
                     Self::keep_prefix_of(&mut self.prefix, &self.cache, first + i, seq);
                     last.push((seq.job.events.clone(), event));
+                    seq.finished = true;
+                    done.push(first + i);
                 }
             }
-            seq.finished = true;
-            done.push(first + i);
         }
+        // The step's messages go out together, once every row's text is
+        // decoded: the runtime's threads then wake once for the whole batch
+        // (and the connection writes it at once) rather than once a row,
+        // each wake taking the core from the model thread in mid-emission.
+        for (i, event) in more {
+            let seq = &mut running[i];
+            if seq.job.events.send(event).is_err() {
+                // Its client has gone: it leaves the batch.
+                self.log_cancel(&seq.job, seq.generated);
+                seq.finished = true;
+                done.push(i);
+            }
+        }
+        done.sort_unstable();
         self.running = running;
         if !done.is_empty() {
             self.publish_running(done.len());
@@ -594,8 +606,8 @@ impl Scheduler {
             .collect())
     }
 
-    /// Records a sampled token and sends it. Returns true when the sequence
-    /// is finished (or its client is gone).
+    /// Records a sampled token and makes its message: the last one when
+    /// the sequence is finished, else one for `emit_from` to send.
     fn emit(&mut self, seq: &mut Sequence, sampled: Sampled) -> Emitted {
         let token = sampled.token;
         seq.generated += 1;
@@ -661,11 +673,7 @@ impl Scheduler {
         if finish.is_some() {
             return Emitted::Last(Event::Step { chunk, finish });
         }
-        if seq.job.events.send(Event::Step { chunk, finish }).is_err() {
-            self.log_cancel(&seq.job, seq.generated);
-            return Emitted::Gone;
-        }
-        Emitted::More
+        Emitted::More(Event::Step { chunk, finish })
     }
 
     /// Removes sequences whose client has gone away, freeing their slots.

@@ -657,4 +657,6 @@ fn ids_tensor(tokens: &[u32], device: Device) -> Result<Tensor, TchError> {
 }
 
 #[cfg(test)]
+mod shape_tests;
+#[cfg(test)]
 mod tests;

@@ -10,84 +10,91 @@ use super::*;
 #[test]
 fn the_cpu_step_matches_the_op_step() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/torchwire-tiny");
+    for threads in [1, 2] {
+        for quantization in [Quantization::None, Quantization::Int8] {
+            cpu_step_matches_op_step(&dir, quantization, threads, "torchwire-tiny");
+        }
+    }
+}
+
+/// Loads `dir` and runs the CPU decode step and the op step side by side
+/// (see `the_cpu_step_matches_the_op_step`); `what` names the case.
+pub(super) fn cpu_step_matches_op_step(
+    dir: &Path,
+    quantization: Quantization,
+    threads: usize,
+    what: &str,
+) {
     let (slots, context) = (3usize, 48usize);
-    let cases =
-        [1, 2].map(|threads| [(Quantization::None, threads), (Quantization::Int8, threads)]);
-    for (quantization, threads) in cases.into_iter().flatten() {
-        // Per calling thread in OpenMP: this test's thread only.
-        tch::set_num_threads(threads);
-        let model = Llama::load(
-            &dir,
-            LoadOptions {
-                device: Device::Cpu,
-                kind: Kind::Float,
-                max_positions: context,
-                quantization,
-            },
+    // Per calling thread in OpenMP: this test's thread only.
+    tch::set_num_threads(threads as i32);
+    let model = Llama::load(
+        dir,
+        LoadOptions {
+            device: Device::Cpu,
+            kind: Kind::Float,
+            max_positions: context,
+            quantization,
+        },
+    )
+    .unwrap();
+    assert!(model.cpu_rows().is_some(), "{what}: no CPU step");
+    let case = format!("{what}, {quantization:?} on {threads} threads");
+    let cache = || {
+        KvCache::new(
+            model.num_layers(),
+            slots,
+            model.kv_heads(),
+            context,
+            model.head_dim(),
+            Device::Cpu,
+            Kind::Float,
         )
-        .unwrap();
-        assert!(model.cpu_rows().is_some());
-        let cache = || {
-            KvCache::new(
-                model.num_layers(),
-                slots,
-                model.kv_heads(),
-                context,
-                model.head_dim(),
-                Device::Cpu,
-                Kind::Float,
-            )
-            .unwrap()
-        };
-        let (mut ours, mut ops, mut greedy) = (cache(), cache(), cache());
-        let prompts: [&[u32]; 3] = [&[1, 2, 3, 4, 5], &[7, 8, 9], &[10, 11, 12, 13, 14, 15, 16]];
-        for (slot, p) in prompts.iter().enumerate() {
-            let _ = model.prefill(p, &mut ours, slot, false).unwrap();
-            let _ = model.prefill(p, &mut ops, slot, false).unwrap();
-            let _ = model.prefill(p, &mut greedy, slot, false).unwrap();
+        .unwrap()
+    };
+    let (mut ours, mut ops, mut greedy) = (cache(), cache(), cache());
+    let prompts: [&[u32]; 3] = [&[1, 2, 3, 4, 5], &[7, 8, 9], &[10, 11, 12, 13, 14, 15, 16]];
+    for (slot, p) in prompts.iter().enumerate() {
+        let _ = model.prefill(p, &mut ours, slot, false).unwrap();
+        let _ = model.prefill(p, &mut ops, slot, false).unwrap();
+        let _ = model.prefill(p, &mut greedy, slot, false).unwrap();
+    }
+    let mut positions: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
+    let mut tokens = [20u32, 30, 40];
+    for step in 0..8 {
+        // The last steps run one sequence: one position, no mask.
+        let b = if step < 5 { 3 } else { 1 };
+        let a = model
+            .decode(&tokens[..b], &positions[..b], &mut ours)
+            .unwrap();
+        let o = model
+            .decode_with_ops(&tokens[..b], &positions[..b], &mut ops)
+            .unwrap();
+        assert_eq!(a.size(), o.size(), "{case}");
+        let scale = o.abs().max().double_value(&[]).max(1.0);
+        let diff = (&a - &o).abs().max().double_value(&[]);
+        assert!(
+            diff < 1e-3 * scale,
+            "{case}, step {step}: logits differ by {diff} (largest {scale})"
+        );
+        let next = Vec::<i64>::try_from(a.argmax(-1, false)).unwrap();
+        // The same step asked for the ids alone picks the same tokens.
+        let ids = model
+            .decode_argmax(&tokens[..b], &positions[..b], &mut greedy)
+            .unwrap();
+        let want: Vec<u32> = next.iter().map(|&t| t as u32).collect();
+        assert_eq!(ids, want, "{case}, step {step}");
+        for (i, t) in next.into_iter().enumerate() {
+            tokens[i] = t as u32;
+            positions[i] += 1;
         }
-        let mut positions: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
-        let mut tokens = [20u32, 30, 40];
-        for step in 0..8 {
-            // The last steps run one sequence: one position, no mask.
-            let b = if step < 5 { 3 } else { 1 };
-            let a = model
-                .decode(&tokens[..b], &positions[..b], &mut ours)
-                .unwrap();
-            let o = model
-                .decode_with_ops(&tokens[..b], &positions[..b], &mut ops)
-                .unwrap();
-            assert_eq!(a.size(), o.size());
-            let diff = (&a - &o).abs().max().double_value(&[]);
-            assert!(
-                diff < 1e-3,
-                "{quantization:?} on {threads} threads, step {step}: logits differ by {diff}"
-            );
-            let next = Vec::<i64>::try_from(a.argmax(-1, false)).unwrap();
-            // The same step asked for the ids alone picks the same tokens.
-            let ids = model
-                .decode_argmax(&tokens[..b], &positions[..b], &mut greedy)
-                .unwrap();
-            let want: Vec<u32> = next.iter().map(|&t| t as u32).collect();
-            assert_eq!(
-                ids, want,
-                "{quantization:?} on {threads} threads, step {step}"
-            );
-            for (i, t) in next.into_iter().enumerate() {
-                tokens[i] = t as u32;
-                positions[i] += 1;
-            }
-        }
-        for (slot, &len) in positions.iter().enumerate() {
-            let (a, o) = (
-                ours.copy_out(slot, len).unwrap(),
-                ops.copy_out(slot, len).unwrap(),
-            );
-            assert!(
-                a.allclose(&o, 1e-4, 1e-4, false),
-                "{quantization:?} slot {slot}"
-            );
-        }
+    }
+    for (slot, &len) in positions.iter().enumerate() {
+        let (a, o) = (
+            ours.copy_out(slot, len).unwrap(),
+            ops.copy_out(slot, len).unwrap(),
+        );
+        assert!(a.allclose(&o, 1e-4, 1e-4, false), "{case}, slot {slot}");
     }
 }
 
