@@ -39,8 +39,7 @@ impl CpuBudget {
     /// one per model on a GPU) leave, and at least one. gRPC and NATS work
     /// is light next to a decode step; a worker per core beside spinning
     /// OpenMP threads only wakes, steals from its sibling and preempts the
-    /// model thread (on two cores, 2 workers gave 15-27 % fewer tokens/s
-    /// at concurrency 16 than 1: BENCHMARKS.md).
+    /// model thread (BENCHMARKS.md, "The token hand-off").
     pub fn default_runtime_threads(&self, compute: usize) -> usize {
         self.usable.saturating_sub(compute).max(1)
     }
