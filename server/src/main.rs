@@ -28,8 +28,13 @@ fn main() -> ExitCode {
         .threads
         .map_or_else(|| cpus.default_threads(), |t| t as usize);
     tch::set_num_threads(intra_op as i32);
-    let devices = config.models.values().map(|m| m.device.as_str());
-    let compute = threads::compute_threads(devices, tch::Cuda::is_available(), intra_op);
+    let cuda_available = tch::Cuda::is_available();
+    // Devices were checked when the config was loaded.
+    let devices = config
+        .models
+        .values()
+        .filter_map(|m| model::DeviceChoice::parse(&m.device).ok());
+    let compute = threads::compute_threads(devices, cuda_available, intra_op);
     let runtime_threads = config
         .runtime_threads
         .map_or_else(|| cpus.default_runtime_threads(compute), |t| t as usize);
@@ -57,7 +62,7 @@ fn main() -> ExitCode {
     };
     tracing::info!(
         cuda_runtime = cuda,
-        cuda_available = tch::Cuda::is_available(),
+        cuda_available,
         threads = tch::get_num_threads(),
         runtime_threads,
         usable_cpus = cpus.usable,

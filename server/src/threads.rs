@@ -7,6 +7,8 @@
 
 use std::num::NonZeroUsize;
 
+use crate::model::DeviceChoice;
+
 /// Where the default thread count came from, for the start-up log line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CpuBudget {
@@ -46,16 +48,15 @@ impl CpuBudget {
 }
 
 /// Cores the models keep busy: the intra-op team (`threads`) where a model
-/// runs on the CPU (device `cpu`, or `auto` without CUDA), else the model
-/// thread of each model on a GPU.
-pub fn compute_threads<'a>(
-    devices: impl Iterator<Item = &'a str>,
-    cuda: bool,
+/// runs on the CPU, else the model thread of each model on a GPU.
+pub fn compute_threads(
+    devices: impl IntoIterator<Item = DeviceChoice>,
+    cuda_available: bool,
     threads: usize,
 ) -> usize {
     let mut models = 0;
     for device in devices {
-        if device == "cpu" || (device == "auto" && !cuda) {
+        if device.is_cpu(cuda_available) {
             return threads;
         }
         models += 1;
@@ -95,12 +96,10 @@ mod tests {
 
     #[test]
     fn cpu_models_keep_their_team_busy_gpu_models_one_thread() {
-        assert_eq!(compute_threads(["auto"].into_iter(), false, 4), 4);
-        assert_eq!(compute_threads(["auto"].into_iter(), true, 4), 1);
-        assert_eq!(
-            compute_threads(["cuda:0", "cuda:1"].into_iter(), true, 4),
-            2
-        );
-        assert_eq!(compute_threads(["cuda", "cpu"].into_iter(), true, 4), 4);
+        use DeviceChoice::{Auto, Cpu, Cuda};
+        assert_eq!(compute_threads([Auto], false, 4), 4);
+        assert_eq!(compute_threads([Auto], true, 4), 1);
+        assert_eq!(compute_threads([Cuda(0), Cuda(1)], true, 4), 2);
+        assert_eq!(compute_threads([Cuda(0), Cpu], true, 4), 4);
     }
 }

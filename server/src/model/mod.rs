@@ -69,6 +69,11 @@ impl DeviceChoice {
         }
     }
 
+    /// Whether the model runs on the CPU (`cpu`, or `auto` without CUDA).
+    pub fn is_cpu(self, cuda_available: bool) -> bool {
+        self == Self::Cpu || (self == Self::Auto && !cuda_available)
+    }
+
     /// The tch device, checking that CUDA devices exist.
     pub fn resolve(self) -> Result<Device, String> {
         match self {

@@ -110,10 +110,9 @@ fn write_checkpoint(dir: &Path, s: &Shape) {
 
     let (h, hd) = (s.hidden, s.head_dim);
     let mut tensors: Vec<(String, Tensor)> = vec![
-        (
-            "model.embed_tokens.weight".into(),
-            Tensor::randn([s.vocab, h], (Kind::Float, Device::Cpu)),
-        ),
+        // Scaled as the projections: tied, it gives logits of order one too
+        // (the first RMSNorm undoes the scale on the way in).
+        ("model.embed_tokens.weight".into(), weight(s.vocab, h)),
         ("model.norm.weight".into(), norm(h)),
     ];
     if !s.tied {
