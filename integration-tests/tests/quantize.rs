@@ -1,6 +1,7 @@
-//! `--quantize int8` end to end: the real server with int8 weights reports
-//! them, holds less, and serves greedy and sampled requests; a bad value
-//! stops it at start-up naming the key.
+//! `--quantize int8` and `--kv-cache-dtype float16` end to end: the real
+//! server with int8 weights or a half-precision cache reports them, holds
+//! less, and serves greedy and sampled requests; a bad value stops it at
+//! start-up naming the key.
 
 use futures::StreamExt;
 use torchwire_integration_tests::Server;
@@ -71,4 +72,58 @@ async fn an_unknown_quantization_stops_the_server_naming_the_key() {
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("quantize") && err.contains("int4"), "{err}");
+}
+
+/// `--kv-cache-dtype float16`: the real server reports the narrower cache,
+/// holds half the bytes for the same slots, and greedy text from it is the
+/// float32 cache's (on the bundled model the two caches' logits differ by
+/// at most 0.004, `examples/kv_eval.rs`).
+#[tokio::test]
+async fn a_float16_kv_cache_halves_the_cache_and_keeps_greedy_text() {
+    let plain = Server::start(&["--max-batch-size", "4"]).await.unwrap();
+    let half = Server::start(&["--max-batch-size", "4", "--kv-cache-dtype", "float16"])
+        .await
+        .unwrap();
+    let (p, h) = (model_info(&plain).await, model_info(&half).await);
+    assert_eq!(
+        (p.kv_cache_dtype.as_str(), h.kv_cache_dtype.as_str()),
+        ("float32", "float16")
+    );
+    assert_eq!(p.dtype, h.dtype);
+    assert!(p.kv_cache_bytes > 0 && h.kv_cache_bytes * 2 == p.kv_cache_bytes);
+
+    let mut texts = Vec::new();
+    for server in [&plain, &half] {
+        let mut c = InferenceClient::new(server.channel().await.unwrap());
+        let req = GenerateRequest {
+            prompt: "The old lighthouse keeper".into(),
+            max_new_tokens: Some(48),
+            ignore_eos: true,
+            ..Default::default()
+        };
+        let mut stream = c.generate(req).await.unwrap().into_inner();
+        let mut ids = Vec::new();
+        while let Some(msg) = stream.next().await {
+            ids.extend(msg.unwrap().token_ids);
+        }
+        assert_eq!(ids.len(), 48);
+        texts.push(ids);
+    }
+    assert_eq!(texts[0], texts[1]);
+}
+
+#[tokio::test]
+async fn an_unknown_kv_cache_dtype_stops_the_server_naming_the_key() {
+    let out =
+        std::process::Command::new(torchwire_integration_tests::binary_path("torchwire-server"))
+            .args(["--listen", "127.0.0.1:0", "--kv-cache-dtype", "fp8"])
+            .current_dir(torchwire_integration_tests::repo_root())
+            .output()
+            .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("kv_cache_dtype") && err.contains("fp8"),
+        "{err}"
+    );
 }

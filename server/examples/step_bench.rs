@@ -8,7 +8,8 @@
 //!
 //! Arguments: checkpoint directory, then optionally the torch threads (2),
 //! prompt tokens (32), decode steps per batch size (256), the batch sizes
-//! (1,16,64) and the weight quantization (none; or int8).
+//! (1,16,64), the weight quantization (none; or int8) and the KV cache
+//! dtype (auto; or float16, bfloat16, float32).
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -30,6 +31,9 @@ fn main() {
     let quantization =
         torchwire_server::model::Quantization::parse(args.get(6).map_or("none", String::as_str))
             .expect("quantization");
+    let kv_dtype = args.get(7).map_or("auto", String::as_str);
+    let kv_kind =
+        torchwire_server::model::kv_cache_kind(kv_dtype, tch::Kind::Float).expect("kv cache dtype");
     tch::set_num_threads(threads as i32);
     let context = prompt + steps + 1;
     let model = Llama::load(
@@ -43,19 +47,22 @@ fn main() {
     )
     .expect("load");
     let max_batch = batches.iter().copied().max().unwrap().max(16);
-    let mut cache = KvCache::new(
-        model.num_layers(),
-        max_batch,
-        model.kv_heads(),
-        context,
-        model.head_dim(),
+    let mut cache = KvCache::stored_as(
+        (
+            model.num_layers(),
+            max_batch,
+            model.kv_heads(),
+            context,
+            model.head_dim(),
+        ),
         tch::Device::Cpu,
         tch::Kind::Float,
+        kv_kind,
     )
     .expect("cache");
     let ids: Vec<u32> = (0..prompt as u32).map(|i| 10 + i * 7 % 1000).collect();
     println!(
-        "{} threads, {prompt} prompt tokens, {steps} decode steps, quantization {}",
+        "{} threads, {prompt} prompt tokens, {steps} decode steps, quantization {}, KV cache {kv_dtype}",
         threads,
         quantization.name()
     );

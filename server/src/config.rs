@@ -121,6 +121,9 @@ pub struct Cli {
     /// Projection weights: none, or int8 (weight-only, quantized at load) (config: models.<name>.quantize).
     #[arg(long, value_name = "none|int8")]
     pub quantize: Option<String>,
+    /// KV cache element dtype: auto (the model's dtype), float32, float16 or bfloat16 (config: models.<name>.kv_cache_dtype).
+    #[arg(long, value_name = "DTYPE")]
+    pub kv_cache_dtype: Option<String>,
     /// Lower the intra-op threads while other processes crowd the cores, true or false (config: models.<name>.adaptive_threads).
     #[arg(long, value_name = "BOOL")]
     pub adaptive_threads: Option<bool>,
@@ -275,6 +278,11 @@ pub struct ModelConfig {
     /// `none`, or `int8`: projection weights quantized at load to int8 per
     /// output channel (a quarter of float32's memory traffic on CPU).
     pub quantize: String,
+    /// The dtype the KV cache stores keys and values in: `auto` (the
+    /// model's dtype), `float32`, `float16` or `bfloat16`. A narrower cache
+    /// holds twice the tokens and halves what decode attention reads;
+    /// attention still sums in the model's dtype.
+    pub kv_cache_dtype: String,
     /// Where tokens are sampled: `auto` (on the device for a CUDA model, on
     /// the host for a CPU one), `host` or `device`.
     pub sampler: SamplerChoice,
@@ -312,6 +320,7 @@ impl Default for ModelConfig {
             device: "auto".into(),
             dtype: None,
             quantize: "none".into(),
+            kv_cache_dtype: "auto".into(),
             sampler: SamplerChoice::Auto,
             adaptive_threads: true,
             max_batch_size: 32,
@@ -436,6 +445,9 @@ impl Config {
             if let Some(v) = &cli.quantize {
                 m.quantize = v.clone();
             }
+            if let Some(v) = &cli.kv_cache_dtype {
+                m.kv_cache_dtype = v.clone();
+            }
             if let Some(v) = sampler {
                 m.sampler = v;
             }
@@ -529,6 +541,8 @@ impl Config {
             }
             crate::model::Quantization::parse(&m.quantize)
                 .map_err(|msg| ServerError::config(key("quantize"), msg))?;
+            crate::model::kv_cache_kind(&m.kv_cache_dtype, tch::Kind::Float)
+                .map_err(|msg| ServerError::config(key("kv_cache_dtype"), msg))?;
             if m.max_batch_size == 0 {
                 return Err(ServerError::config(
                     key("max_batch_size"),
@@ -751,6 +765,10 @@ mod tests {
             (
                 vec![("TORCHWIRE_MODELS__M__QUANTIZE", "int4")],
                 "models.m.quantize",
+            ),
+            (
+                vec![("TORCHWIRE_MODELS__M__KV_CACHE_DTYPE", "fp8")],
+                "models.m.kv_cache_dtype",
             ),
             (
                 vec![("TORCHWIRE_MODELS__M__SAMPLER", "gpu")],

@@ -35,6 +35,8 @@ fn models_table(response: &ListModelsResponse) -> String {
         "dtype",
         "quant",
         "weights MiB",
+        "kv dtype",
+        "kv MiB",
         "params",
         "context",
         "vocab",
@@ -56,6 +58,12 @@ fn models_table(response: &ListModelsResponse) -> String {
                     m.quantization.clone()
                 },
                 format!("{:.1}", m.weight_bytes as f64 / 1048576.0),
+                if m.kv_cache_dtype.is_empty() {
+                    "-".into()
+                } else {
+                    m.kv_cache_dtype.clone()
+                },
+                format!("{:.1}", m.kv_cache_bytes as f64 / 1048576.0),
                 m.parameters.to_string(),
                 m.context_length.to_string(),
                 m.vocab_size.to_string(),
@@ -231,6 +239,8 @@ mod tests {
                 is_default: true,
                 quantization: "int8".into(),
                 weight_bytes: 3 * 1048576,
+                kv_cache_dtype: "float16".into(),
+                kv_cache_bytes: 5 * 1048576,
             }],
         };
         let text = models_table(&response);
@@ -238,7 +248,10 @@ mod tests {
         assert!(lines[0].starts_with("name"));
         assert!(lines[1].starts_with("torchwire-tiny  llama"), "{text}");
         assert!(
-            lines[1].contains("int8") && lines[1].contains("3.0"),
+            lines[1].contains("int8")
+                && lines[1].contains("3.0")
+                && lines[1].contains("float16")
+                && lines[1].contains("5.0"),
             "{text}"
         );
         assert!(lines[1].ends_with('*'), "{text}");

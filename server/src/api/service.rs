@@ -82,6 +82,8 @@ impl Inference for InferenceService {
                     is_default: i.name == models.default_name(),
                     quantization: i.quantization.clone(),
                     weight_bytes: i.weight_bytes,
+                    kv_cache_dtype: i.kv_cache_dtype.clone(),
+                    kv_cache_bytes: i.kv_cache_bytes,
                 }
             })
             .collect();

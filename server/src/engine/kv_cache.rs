@@ -3,18 +3,28 @@
 //! one slot; running sequences always occupy slots `0..B` (a finished
 //! sequence's slot is refilled by moving the last one into it), so attention
 //! reads a plain view of the cache, never a gathered copy.
+//!
+//! The cache may hold its elements in a narrower dtype than the model
+//! computes in (`kv_cache_dtype`, e.g. float16 beside float32 weights):
+//! writes round into it, and the views the tensor-op paths read are widened
+//! back to the model's dtype; the CPU decode step reads it in place.
 
 use tch::{Device, Kind, TchError, Tensor};
+
+use crate::model::kv_element::KvElement;
 
 pub struct KvCache {
     keys: Vec<Tensor>,
     values: Vec<Tensor>,
     max_batch: usize,
+    /// The dtype the model computes in, which views are returned in.
+    compute: Kind,
 }
 
 impl KvCache {
-    /// Allocates the whole cache up front; an allocation failure (out of
-    /// memory) is an error, not a panic.
+    /// Allocates the whole cache up front, its elements in the model's
+    /// dtype `kind`; an allocation failure (out of memory) is an error, not
+    /// a panic.
     pub fn new(
         layers: usize,
         max_batch: usize,
@@ -24,6 +34,20 @@ impl KvCache {
         device: Device,
         kind: Kind,
     ) -> Result<Self, TchError> {
+        let shape = (layers, max_batch, kv_heads, max_context, head_dim);
+        Self::stored_as(shape, device, kind, kind)
+    }
+
+    /// As [`new`](Self::new) for `(layers, max_batch, kv_heads,
+    /// max_context, head_dim)`, the elements stored as `storage` for a
+    /// model that computes in `compute`.
+    pub fn stored_as(
+        (layers, max_batch, kv_heads, max_context, head_dim): (usize, usize, usize, usize, usize),
+        device: Device,
+        compute: Kind,
+        storage: Kind,
+    ) -> Result<Self, TchError> {
+        let kind = storage;
         let shape = [
             max_batch as i64,
             kv_heads as i64,
@@ -40,7 +64,13 @@ impl KvCache {
             keys,
             values,
             max_batch,
+            compute,
         })
+    }
+
+    /// The dtype the elements are stored in.
+    pub fn storage_kind(&self) -> Kind {
+        self.keys.first().map_or(self.compute, Tensor::kind)
     }
 
     /// Bytes one sequence of `max_context` tokens takes in the cache.
@@ -63,23 +93,24 @@ impl KvCache {
         self.keys.first().map_or(0, |k| k.size()[2] as usize)
     }
 
-    /// Every layer's keys and values as float32 slices laid out
+    /// Every layer's keys and values as slices of `E` laid out
     /// `[max_batch, kv_heads, max_context, head_dim]`, where the cache is
-    /// float32 on the CPU (the CPU decode step reads and writes them in
-    /// place, all layers in one parallel region).
-    pub fn cpu_layers_mut(&mut self) -> Option<Vec<(&mut [f32], &mut [f32])>> {
-        let all_f32 = self
+    /// on the CPU and stored as `E` (the CPU decode step reads and writes
+    /// them in place, all layers in one parallel region).
+    pub fn cpu_layers_mut<E: KvElement>(&mut self) -> Option<Vec<(&mut [E], &mut [E])>> {
+        let all_e = self
             .keys
             .iter()
             .chain(&self.values)
-            .all(crate::model::is_cpu_f32);
-        if !all_f32 {
+            .all(|t| t.device() == Device::Cpu && t.kind() == E::KIND && t.is_contiguous());
+        if !all_e {
             return None;
         }
         let slice = |t: &Tensor| {
-            // SAFETY: contiguous float32 CPU tensors of numel elements, each
-            // its own allocation, borrowed mutably through `&mut self`.
-            unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel()) }
+            // SAFETY: contiguous CPU tensors of numel elements of E's dtype
+            // (E is one of the dtype's Rust types), each its own
+            // allocation, borrowed mutably through `&mut self`.
+            unsafe { std::slice::from_raw_parts_mut(t.data_ptr() as *mut E, t.numel()) }
         };
         Some(
             self.keys
@@ -113,7 +144,8 @@ impl KvCache {
     }
 
     /// Keys and values of positions `0..len` of one slot, `[1, kv_heads,
-    /// len, head_dim]` each (views).
+    /// len, head_dim]` each (views, or widened copies as for
+    /// [`view`](Self::view)).
     pub fn slot_view(
         &self,
         layer: usize,
@@ -121,13 +153,27 @@ impl KvCache {
         len: i64,
     ) -> Result<(Tensor, Tensor), TchError> {
         Ok((
-            self.keys[layer]
-                .f_narrow(0, slot as i64, 1)?
-                .f_narrow(2, 0, len)?,
-            self.values[layer]
-                .f_narrow(0, slot as i64, 1)?
-                .f_narrow(2, 0, len)?,
+            self.widened(
+                self.keys[layer]
+                    .f_narrow(0, slot as i64, 1)?
+                    .f_narrow(2, 0, len)?,
+            )?,
+            self.widened(
+                self.values[layer]
+                    .f_narrow(0, slot as i64, 1)?
+                    .f_narrow(2, 0, len)?,
+            )?,
         ))
+    }
+
+    /// A view of the cache in the model's dtype: itself, or a widened copy
+    /// where the cache is stored narrower.
+    fn widened(&self, view: Tensor) -> Result<Tensor, TchError> {
+        if view.kind() == self.compute {
+            Ok(view)
+        } else {
+            view.f_to_kind(self.compute)
+        }
     }
 
     /// Stores one step's keys and values (`[B, kv_heads, 1, head_dim]`) at
@@ -162,20 +208,27 @@ impl KvCache {
         v: &Tensor,
     ) -> Result<(), TchError> {
         let index = [Some(slots), None, Some(positions)];
+        let kind = self.storage_kind();
+        let (k, v) = (k.f_to_kind(kind)?, v.f_to_kind(kind)?);
         let _ = self.keys[layer].f_index_put_(&index, &k.f_squeeze_dim(2)?, false)?;
         let _ = self.values[layer].f_index_put_(&index, &v.f_squeeze_dim(2)?, false)?;
         Ok(())
     }
 
-    /// Keys and values of slots `0..batch`, positions `0..len`, as views.
+    /// Keys and values of slots `0..batch`, positions `0..len`, as views
+    /// (widened copies where the cache is stored narrower than the model).
     pub fn view(&self, layer: usize, batch: i64, len: i64) -> Result<(Tensor, Tensor), TchError> {
         Ok((
-            self.keys[layer]
-                .f_narrow(0, 0, batch)?
-                .f_narrow(2, 0, len)?,
-            self.values[layer]
-                .f_narrow(0, 0, batch)?
-                .f_narrow(2, 0, len)?,
+            self.widened(
+                self.keys[layer]
+                    .f_narrow(0, 0, batch)?
+                    .f_narrow(2, 0, len)?,
+            )?,
+            self.widened(
+                self.values[layer]
+                    .f_narrow(0, 0, batch)?
+                    .f_narrow(2, 0, len)?,
+            )?,
         ))
     }
 

@@ -42,6 +42,8 @@ pub struct ModelInfo {
     pub vocab_size: usize,
     pub device: String,
     pub dtype: String,
+    /// The dtype the KV cache stores keys and values in.
+    pub kv_cache_dtype: String,
     /// "none" or "int8".
     pub quantization: String,
     pub parameters: u64,
@@ -243,6 +245,7 @@ fn load(name: &str, config: &ModelConfig) -> Result<Loaded, ServerError> {
         None => tch::Kind::Float,
     };
     let quantization = Quantization::parse(&config.quantize).map_err(&err)?;
+    let kv_kind = model::kv_cache_kind(&config.kv_cache_dtype, kind).map_err(&err)?;
     let hf = model::HfConfig::read(&config.path).map_err(&err)?;
     let context = match config.max_context {
         Some(c) => (c as usize).min(hf.max_position_embeddings),
@@ -264,7 +267,7 @@ fn load(name: &str, config: &ModelConfig) -> Result<Loaded, ServerError> {
         model.kv_heads(),
         context,
         model.head_dim(),
-        kind,
+        kv_kind,
     );
     let max_batch = match config.kv_cache_mib {
         Some(mib) => {
@@ -282,14 +285,17 @@ fn load(name: &str, config: &ModelConfig) -> Result<Loaded, ServerError> {
         }
         None => config.max_batch_size as usize,
     };
-    let mut cache = KvCache::new(
-        model.num_layers(),
-        max_batch,
-        model.kv_heads(),
-        context,
-        model.head_dim(),
+    let mut cache = KvCache::stored_as(
+        (
+            model.num_layers(),
+            max_batch,
+            model.kv_heads(),
+            context,
+            model.head_dim(),
+        ),
         device,
         kind,
+        kv_kind,
     )
     .map_err(|e| {
         err(format!(
@@ -308,6 +314,7 @@ fn load(name: &str, config: &ModelConfig) -> Result<Loaded, ServerError> {
         vocab_size: hf.vocab_size,
         device: model::device_name(device),
         dtype: model::dtype_name(kind).to_string(),
+        kv_cache_dtype: model::dtype_name(kv_kind).to_string(),
         quantization: quantization.name().to_string(),
         parameters: model.parameters,
         weight_bytes: model.weight_bytes,
@@ -323,6 +330,7 @@ fn load(name: &str, config: &ModelConfig) -> Result<Loaded, ServerError> {
         model = name,
         device = %info.device,
         dtype = %info.dtype,
+        kv_cache_dtype = %info.kv_cache_dtype,
         quantization = %info.quantization,
         decode_step = model.decode_path(),
         weight_mib = info.weight_bytes as f64 / 1048576.0,

@@ -1,4 +1,5 @@
-//! Decode attention on the CPU, read in place from the float32 KV cache:
+//! Decode attention on the CPU, read in place from the KV cache (float32,
+//! or half precision widened as it is loaded):
 //! for each sequence `b` and query head `h`, the scores of its one new
 //! query against keys `0..=positions[b]` of its slot, a softmax, and the
 //! weighted sum of the values. The query heads of a group are taken
@@ -10,7 +11,8 @@
 
 use std::cell::RefCell;
 
-use super::cpu_matmul::{vectorized, Chunks};
+use super::cpu_matmul::Chunks;
+use super::kv_element::{vectorized, KvElement};
 use super::vec_exp::exp_shifted_sum;
 
 /// Below this many multiply-adds a step's attention runs on one thread.
@@ -44,10 +46,10 @@ thread_local! {
 /// # Safety
 /// `out` points to `B * heads * head_dim` floats that nothing else reads or
 /// writes while this runs (on a team: in this loop).
-pub unsafe fn decode_attention(
+pub unsafe fn decode_attention<E: KvElement>(
     qkv: &[f32],
     qkv_width: usize,
-    (keys, values): (&[f32], &[f32]),
+    (keys, values): (&[E], &[E]),
     positions: &[usize],
     shape: AttentionShape,
     out: *mut f32,
@@ -96,25 +98,39 @@ pub unsafe fn decode_attention(
 
 /// The queries `q` (`d` floats each) against the same `k`/`v` rows of `d`;
 /// `scores` is scratch, holding each query's scores in turn.
-fn attend(d: usize, q: &[f32], k: &[f32], v: &[f32], scores: &mut Vec<f32>, out: &mut [f32]) {
+fn attend<E: KvElement>(
+    d: usize,
+    q: &[f32],
+    k: &[E],
+    v: &[E],
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
     let d = d.max(1);
     scores.clear();
     scores.resize(q.len() / d * (k.len() / d), 0.0);
     #[cfg(target_arch = "x86_64")]
     if vectorized() {
-        // SAFETY: the CPU has AVX2 and FMA.
+        // SAFETY: the CPU has AVX2, FMA and F16C.
         return unsafe { attend_avx2(d, q, k, v, scores, out) };
     }
     attend_body(d, q, k, v, scores, out)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn attend_avx2(d: usize, q: &[f32], k: &[f32], v: &[f32], scores: &mut [f32], out: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+fn attend_avx2<E: KvElement>(
+    d: usize,
+    q: &[f32],
+    k: &[E],
+    v: &[E],
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     if !d.is_multiple_of(8) {
         return attend_body(d, q, k, v, scores, out);
     }
-    // SAFETY: the CPU has AVX2 and FMA (this function's features).
+    // SAFETY: the CPU has AVX2, FMA and F16C (this function's features).
     unsafe { avx2::scores(d, q, k, scores) };
     softmax_rows(scores, k.len() / d);
     // SAFETY: as above.
@@ -124,14 +140,21 @@ fn attend_avx2(d: usize, q: &[f32], k: &[f32], v: &[f32], scores: &mut [f32], ou
 /// Written so that the compiler vectorizes it for the features of the
 /// function it is inlined into; `d` is at least 1.
 #[inline(always)]
-fn attend_body(d: usize, q: &[f32], k: &[f32], v: &[f32], scores: &mut [f32], out: &mut [f32]) {
+fn attend_body<E: KvElement>(
+    d: usize,
+    q: &[f32],
+    k: &[E],
+    v: &[E],
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     scores_body(d, q, k, scores);
     weigh_values(d, v, scores, out)
 }
 
 /// `scores[j * len + t] = q_j . k_t`.
 #[inline(always)]
-fn scores_body(d: usize, q: &[f32], k: &[f32], scores: &mut [f32]) {
+fn scores_body<E: KvElement>(d: usize, q: &[f32], k: &[E], scores: &mut [f32]) {
     let len = k.len() / d;
     for (t, key) in k.chunks_exact(d).enumerate() {
         for (j, q) in q.chunks_exact(d).enumerate() {
@@ -142,7 +165,7 @@ fn scores_body(d: usize, q: &[f32], k: &[f32], scores: &mut [f32]) {
 
 /// Softmax of each query's scores, then `out_j = sum_t p_jt v_t`.
 #[inline(always)]
-fn weigh_values(d: usize, v: &[f32], scores: &mut [f32], out: &mut [f32]) {
+fn weigh_values<E: KvElement>(d: usize, v: &[E], scores: &mut [f32], out: &mut [f32]) {
     let d = d.max(1);
     let len = v.len() / d;
     softmax_rows(scores, len);
@@ -151,7 +174,7 @@ fn weigh_values(d: usize, v: &[f32], scores: &mut [f32], out: &mut [f32]) {
         for (j, out) in out.chunks_exact_mut(d).enumerate() {
             let p = scores[j * len + t];
             for (o, x) in out.iter_mut().zip(value) {
-                *o += p * x;
+                *o += p * x.to_f32();
             }
         }
     }
@@ -173,6 +196,8 @@ fn softmax_rows(scores: &mut [f32], len: usize) {
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use super::KvElement;
+
     /// The sums of four vectors' lanes, in order.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -183,8 +208,8 @@ mod avx2 {
 
     /// As `scores_body`, four keys at a time against each query, so that a
     /// horizontal sum serves four scores. `d` is a multiple of 8.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn scores(d: usize, q: &[f32], k: &[f32], scores: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scores<E: KvElement>(d: usize, q: &[f32], k: &[E], scores: &mut [f32]) {
         let len = k.len() / d;
         let queries = q.len() / d;
         assert!(d.is_multiple_of(8) && scores.len() >= queries * len);
@@ -199,7 +224,7 @@ mod avx2 {
                     unsafe {
                         let qv = _mm256_loadu_ps(qp.add(j * d + c));
                         for (i, a) in acc.iter_mut().enumerate() {
-                            *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kp.add((t + i) * d + c)), *a);
+                            *a = _mm256_fmadd_ps(qv, E::load8(kp.add((t + i) * d + c)), *a);
                         }
                     }
                 }
@@ -218,8 +243,8 @@ mod avx2 {
     /// `out_j = sum_t p_jt v_t` for the probabilities `p` (each query's
     /// `len` in turn), up to 64 output floats of a query held in registers
     /// through all the values. `d` is a multiple of 8.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn values(d: usize, v: &[f32], p: &[f32], out: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn values<E: KvElement>(d: usize, v: &[E], p: &[f32], out: &mut [f32]) {
         let len = v.len() / d;
         let queries = out.len() / d;
         assert!(d.is_multiple_of(8) && p.len() >= queries * len);
@@ -229,15 +254,15 @@ mod avx2 {
             // SAFETY (each call): c + 8 * N <= d, so every load is inside a
             // value row and every store inside `o`.
             while c + 64 <= d {
-                unsafe { columns::<8>(d, c, v, p, o) };
+                unsafe { columns::<E, 8>(d, c, v, p, o) };
                 c += 64;
             }
             while c + 32 <= d {
-                unsafe { columns::<4>(d, c, v, p, o) };
+                unsafe { columns::<E, 4>(d, c, v, p, o) };
                 c += 32;
             }
             while c < d {
-                unsafe { columns::<1>(d, c, v, p, o) };
+                unsafe { columns::<E, 1>(d, c, v, p, o) };
                 c += 8;
             }
         }
@@ -248,15 +273,21 @@ mod avx2 {
     /// # Safety
     /// `c + 8 * N <= d`, `v` holds `p.len()` rows of `d`, `o` holds `d`.
     #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn columns<const N: usize>(d: usize, c: usize, v: &[f32], p: &[f32], o: &mut [f32]) {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn columns<E: KvElement, const N: usize>(
+        d: usize,
+        c: usize,
+        v: &[E],
+        p: &[f32],
+        o: &mut [f32],
+    ) {
         let mut acc = [_mm256_setzero_ps(); N];
         let vp = v.as_ptr();
         for (t, &pt) in p.iter().enumerate() {
             let b = _mm256_set1_ps(pt);
             for (i, a) in acc.iter_mut().enumerate() {
                 // SAFETY: row t < len, columns within d, per the caller.
-                *a = _mm256_fmadd_ps(b, unsafe { _mm256_loadu_ps(vp.add(t * d + c + 8 * i)) }, *a);
+                *a = _mm256_fmadd_ps(b, unsafe { E::load8(vp.add(t * d + c + 8 * i)) }, *a);
             }
         }
         for (i, a) in acc.iter().enumerate() {
@@ -267,18 +298,18 @@ mod avx2 {
 }
 
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<E: KvElement>(a: &[f32], b: &[E]) -> f32 {
     let mut lanes = [0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ac
         .remainder()
         .iter()
         .zip(bc.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x * y.to_f32())
         .sum();
     for (x, y) in ac.zip(bc) {
         for i in 0..8 {
-            lanes[i] += x[i] * y[i];
+            lanes[i] += x[i] * y[i].to_f32();
         }
     }
     lanes.iter().sum::<f32>() + tail
@@ -288,6 +319,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 mod tests {
     use super::*;
     use crate::model::cpu_matmul::Regions;
+    use crate::model::kv_element::{bf16, f16};
     use tch::{Device, Kind, Tensor};
 
     #[test]
@@ -295,6 +327,7 @@ mod tests {
         let _guard = tch::no_grad_guard();
         // A head of 12 takes the plain loops; one of 32 the vector scores,
         // four keys at a time and a tail (prefixes of 1, 11 and 20 keys).
+        // The cache in float32 and in both half precisions.
         for head_dim in [12, 32] {
             let shape = AttentionShape {
                 heads: 6,
@@ -302,19 +335,29 @@ mod tests {
                 head_dim,
                 context: 20,
             };
-            check_against_softmax(shape);
+            check_against_softmax::<f32>(shape);
+            check_against_softmax::<f16>(shape);
+            check_against_softmax::<bf16>(shape);
         }
     }
 
-    fn check_against_softmax(shape: AttentionShape) {
+    fn check_against_softmax<E: KvElement>(shape: AttentionShape) {
         let (b, d) = (3usize, shape.head_dim as i64);
         let width = (shape.heads + 2 * shape.kv_heads) * shape.head_dim;
         let opts = (Kind::Float, Device::Cpu);
         let qkv = Tensor::randn([b as i64, width as i64], opts);
         let cache = [b as i64, 2, 20, d];
-        let (keys, values) = (Tensor::randn(cache, opts), Tensor::randn(cache, opts));
-        let all = [0usize, 10, 19];
         let slice = |t: &Tensor| -> Vec<f32> { Vec::<f32>::try_from(t.flatten(0, -1)).unwrap() };
+        // The cache rounded to E, and the reference on the rounded values.
+        let stored = |t: Tensor| {
+            let floats = slice(&t);
+            let elements: Vec<E> = floats.iter().map(|&x| E::from_f32(x)).collect();
+            let widened: Vec<f32> = elements.iter().map(|e| e.to_f32()).collect();
+            (elements, Tensor::from_slice(&widened).view(cache))
+        };
+        let (key_elements, keys) = stored(Tensor::randn(cache, opts));
+        let (value_elements, values) = stored(Tensor::randn(cache, opts));
+        let all = [0usize, 10, 19];
         // Three sequences take a group of query heads a task, one sequence
         // a query head a task (too few tasks otherwise).
         for (batch, threads) in [(3, 1), (3, 2), (1, 1), (1, 2)] {
@@ -325,7 +368,7 @@ mod tests {
                 decode_attention(
                     &slice(&qkv)[..batch * width],
                     width,
-                    (&slice(&keys), &slice(&values)),
+                    (&key_elements, &value_elements),
                     positions,
                     shape,
                     out.as_mut_ptr(),
@@ -344,7 +387,8 @@ mod tests {
                     let got = Tensor::from_slice(&out[start..start + shape.head_dim]);
                     assert!(
                         got.allclose(&want, 1e-5, 1e-5, false),
-                        "d {d} row {row} head {h} batch {batch} threads {threads}"
+                        "{:?} cache, d {d} row {row} head {h} batch {batch} threads {threads}",
+                        E::KIND
                     );
                 }
             }

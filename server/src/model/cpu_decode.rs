@@ -19,6 +19,7 @@ use super::cpu_attention::{decode_attention, AttentionShape};
 use super::cpu_matmul::{run_team, Chunks, Job, Member, WeightRows};
 use super::cpu_ops::{rms_norm_rows, rope_rows, silu_mul_rows};
 use super::embedding::EmbedRows;
+use super::kv_element::{bf16, f16, KvElement};
 use crate::engine::kv_cache::KvCache;
 
 /// The model's sizes.
@@ -130,13 +131,13 @@ struct Rows {
     argmax: Option<Shared<u32>>,
 }
 
-/// What a step needs besides the weights.
-struct Step<'a> {
+/// What a step needs besides the weights, for a cache of `E`.
+struct Step<'a, E> {
     model: &'a ModelRows<'a>,
     positions: &'a [usize],
     rows: Rows,
     /// Each layer's keys and values.
-    cache: Vec<(Shared, Shared)>,
+    cache: Vec<(Shared<E>, Shared<E>)>,
     shape: AttentionShape,
 }
 
@@ -146,8 +147,25 @@ struct Step<'a> {
 /// logits `[B, vocab]`, and with `argmax` (`B` long) each row's
 /// highest-scoring token id in it, found by the team too (greedy decoding
 /// then needs nothing after the step). The whole step is one parallel
-/// region on libtorch's threads (`cpu_matmul::run_team`).
+/// region on libtorch's threads (`cpu_matmul::run_team`). The cache is
+/// read and written in place in the dtype it is stored in: float32,
+/// float16 or bfloat16.
 pub fn decode(
+    model: &ModelRows,
+    tokens: &[u32],
+    positions: &[usize],
+    cache: &mut KvCache,
+    argmax: Option<&mut [u32]>,
+) -> Result<Tensor, TchError> {
+    match cache.storage_kind() {
+        Kind::Half => decode_in::<f16>(model, tokens, positions, cache, argmax),
+        Kind::BFloat16 => decode_in::<bf16>(model, tokens, positions, cache, argmax),
+        _ => decode_in::<f32>(model, tokens, positions, cache, argmax),
+    }
+}
+
+/// [`decode`] with the cache's elements of type `E`.
+fn decode_in<E: KvElement>(
     model: &ModelRows,
     tokens: &[u32],
     positions: &[usize],
@@ -191,7 +209,7 @@ pub fn decode(
     };
     let slot_floats = d.kv_heads * context * d.head_dim;
     let layers = cache
-        .cpu_layers_mut()
+        .cpu_layers_mut::<E>()
         .filter(|layers| {
             layers.len() == model.layers.len()
                 && layers
@@ -200,7 +218,7 @@ pub fn decode(
         })
         .ok_or_else(|| {
             TchError::Kind(
-                "the KV cache is not float32 on the CPU, or not of this model's layers and batch"
+                "the KV cache is not on the CPU in float32, float16 or bfloat16, or not of this model's layers and batch"
                     .into(),
             )
         })?;
@@ -268,7 +286,7 @@ fn check_weights(model: &ModelRows) -> Result<(), TchError> {
 
 /// What every member of the team runs: each loop's work shared out, a
 /// barrier between loops (in `for_each_chunk`).
-fn run_step(m: &Member, s: &Step) {
+fn run_step<E: KvElement>(m: &Member, s: &Step<E>) {
     let d = s.model.dims;
     let b = s.positions.len();
     let r = s.rows;
@@ -405,13 +423,13 @@ fn project(
 
 /// Copies the new keys and values of rows `rows` (after the query heads in
 /// `qkv`, which holds those rows) into their slots at their positions.
-fn store_kv(
+fn store_kv<E: KvElement>(
     qkv: &[f32],
     qkv_width: usize,
     rows: Range<usize>,
     positions: &[usize],
     shape: AttentionShape,
-    (keys, values): (Shared, Shared),
+    (keys, values): (Shared<E>, Shared<E>),
 ) {
     let d = shape.head_dim;
     let kv_width = shape.kv_heads * d;
@@ -423,8 +441,8 @@ fn store_kv(
             let at = ((b * shape.kv_heads + g) * shape.context + p) * d;
             // SAFETY: slot `b` is this member's alone in this loop.
             let (k, v) = unsafe { (keys.part(at..at + d), values.part(at..at + d)) };
-            k.copy_from_slice(&new_keys[g * d..][..d]);
-            v.copy_from_slice(&new_values[g * d..][..d]);
+            E::store_row(&new_keys[g * d..][..d], k);
+            E::store_row(&new_values[g * d..][..d], v);
         }
     }
 }

@@ -8,6 +8,7 @@ mod cpu_ops;
 mod embedding;
 mod hf_config;
 mod int8;
+pub(crate) mod kv_element;
 mod llama;
 mod projection;
 pub mod quality;
@@ -105,6 +106,16 @@ pub fn parse_dtype(s: &str) -> Result<Kind, String> {
     }
 }
 
+/// The dtype a KV cache stores its elements in, for a `kv_cache_dtype`
+/// setting and the model's dtype: `auto` is the model's.
+pub fn kv_cache_kind(setting: &str, model: Kind) -> Result<Kind, String> {
+    match setting {
+        "auto" => Ok(model),
+        other => parse_dtype(other)
+            .map_err(|_| format!("expected auto, float32, float16 or bfloat16, got {other:?}")),
+    }
+}
+
 /// The name of a dtype, as reported by ListModels.
 pub fn dtype_name(kind: Kind) -> &'static str {
     match kind {
@@ -159,5 +170,9 @@ mod tests {
     fn dtype_parses() {
         assert_eq!(parse_dtype("bf16"), Ok(Kind::BFloat16));
         assert!(parse_dtype("int8").is_err());
+        assert_eq!(kv_cache_kind("auto", Kind::BFloat16), Ok(Kind::BFloat16));
+        assert_eq!(kv_cache_kind("float16", Kind::Float), Ok(Kind::Half));
+        let err = kv_cache_kind("fp8", Kind::Float).unwrap_err();
+        assert!(err.contains("auto") && err.contains("\"fp8\""), "{err}");
     }
 }

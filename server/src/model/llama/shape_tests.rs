@@ -151,8 +151,18 @@ fn the_cpu_step_matches_the_op_step_on_other_shapes() {
         write_checkpoint(dir.path(), &shape);
         for threads in [1, 2, 3] {
             for quantization in [Quantization::None, Quantization::Int8] {
-                cpu_step_matches_op_step(dir.path(), quantization, threads, shape.name);
+                cpu_step_matches_op_step(
+                    dir.path(),
+                    quantization,
+                    threads,
+                    Kind::Float,
+                    shape.name,
+                );
             }
+        }
+        // A half-precision cache: its loads at every head size's tiles.
+        for kv in [Kind::Half, Kind::BFloat16] {
+            cpu_step_matches_op_step(dir.path(), Quantization::None, 2, kv, shape.name);
         }
     }
 }

@@ -3,26 +3,31 @@
 use super::*;
 
 /// The CPU step and the libtorch-op step, on the bundled model, in float32
-/// and int8, on one thread and on a team of two: the same logits and the
-/// same cache, for sequences at different positions (a mask in the op
-/// step) and at one (none); the CPU step asked for greedy ids alone picks
-/// the logits' argmax.
+/// and int8, on one thread and on a team of two, with the KV cache in
+/// float32, float16 and bfloat16: the same logits and the same cache, for
+/// sequences at different positions (a mask in the op step) and at one
+/// (none); the CPU step asked for greedy ids alone picks the logits'
+/// argmax.
 #[test]
 fn the_cpu_step_matches_the_op_step() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/torchwire-tiny");
     for threads in [1, 2] {
         for quantization in [Quantization::None, Quantization::Int8] {
-            cpu_step_matches_op_step(&dir, quantization, threads, "torchwire-tiny");
+            for kv in [Kind::Float, Kind::Half, Kind::BFloat16] {
+                cpu_step_matches_op_step(&dir, quantization, threads, kv, "torchwire-tiny");
+            }
         }
     }
 }
 
 /// Loads `dir` and runs the CPU decode step and the op step side by side
-/// (see `the_cpu_step_matches_the_op_step`); `what` names the case.
+/// (see `the_cpu_step_matches_the_op_step`), the KV cache stored as `kv`;
+/// `what` names the case.
 pub(super) fn cpu_step_matches_op_step(
     dir: &Path,
     quantization: Quantization,
     threads: usize,
+    kv: Kind,
     what: &str,
 ) {
     let (slots, context) = (3usize, 48usize);
@@ -39,18 +44,16 @@ pub(super) fn cpu_step_matches_op_step(
     )
     .unwrap();
     assert!(model.cpu_rows().is_some(), "{what}: no CPU step");
-    let case = format!("{what}, {quantization:?} on {threads} threads");
+    let case = format!("{what}, {quantization:?} on {threads} threads, {kv:?} cache");
     let cache = || {
-        KvCache::new(
+        let shape = (
             model.num_layers(),
             slots,
             model.kv_heads(),
             context,
             model.head_dim(),
-            Device::Cpu,
-            Kind::Float,
-        )
-        .unwrap()
+        );
+        KvCache::stored_as(shape, Device::Cpu, Kind::Float, kv).unwrap()
     };
     let (mut ours, mut ops, mut greedy) = (cache(), cache(), cache());
     let prompts: [&[u32]; 3] = [&[1, 2, 3, 4, 5], &[7, 8, 9], &[10, 11, 12, 13, 14, 15, 16]];
@@ -90,7 +93,11 @@ pub(super) fn cpu_step_matches_op_step(
             ours.copy_out(slot, len).unwrap(),
             ops.copy_out(slot, len).unwrap(),
         );
-        assert!(a.allclose(&o, 1e-4, 1e-4, false), "{case}, slot {slot}");
+        assert_eq!(a.kind(), kv, "{case}");
+        // Rounded the same way on both sides where the cache is narrower.
+        let tol = if kv == Kind::Float { 1e-4 } else { 1e-2 };
+        let (a, o) = (a.to_kind(Kind::Float), o.to_kind(Kind::Float));
+        assert!(a.allclose(&o, tol, tol, false), "{case}, slot {slot}");
     }
 }
 
