@@ -1,7 +1,9 @@
 //! The decode step on the CPU in float32 without ATen: every layer's norms,
 //! projections, rotary embedding, KV writes, attention and activation run as
 //! torchwire's own loops over plain float32 rows, the projections and the
-//! attention on libtorch's OpenMP threads.
+//! attention on libtorch's OpenMP threads. The KV cache is read and written
+//! in place in its own dtype (float32, or float16/bfloat16 widened as it is
+//! loaded: `kv_element.rs`).
 //!
 //! Why: at decode batch sizes a step through ATen pays dispatch, tensor
 //! set-up and allocation for about 30 small ops a layer, which on a small
