@@ -11,7 +11,9 @@
 //! Prints the perplexity of the text under both, the mean KL divergence
 //! of the narrow cache's next-token distribution from float32's, how often
 //! their argmax agrees and the largest logit difference. Without a text file
-//! the paragraph `quant_eval` uses is read.
+//! a built-in paragraph is read (`eval_text`, shared with `quant_eval`).
+
+mod eval_text;
 
 use std::path::PathBuf;
 
@@ -20,32 +22,13 @@ use torchwire_server::engine::kv_cache::KvCache;
 use torchwire_server::model::quality::LogitComparison;
 use torchwire_server::model::{kv_cache_kind, Llama, LoadOptions, Quantization};
 
-const TEXT: &str = "The old lighthouse keeper climbed the winding stairs every evening to light \
-the lamp. Ships passing in the night relied on its steady beam to find their way around the \
-rocky coast. You will meet a stranger who changes your life. A journey of a thousand miles \
-begins with a single step. Fortune favors the bold, but patience is a virtue too. Never put \
-off until tomorrow what you can do today. The best way to predict the future is to invent it. \
-He who laughs last laughs best, and she who reads the fine print laughs longest. Your hard \
-work will soon pay off, so keep going even when the road is long and the night is dark.";
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let dir = PathBuf::from(args.get(1).map_or("models/torchwire-tiny", String::as_str));
-    let text = args
-        .get(2)
-        .filter(|a| !a.is_empty())
-        .map(|f| std::fs::read_to_string(f).expect("read the text file"))
-        .unwrap_or_else(|| TEXT.to_string());
     let narrow = args.get(3).map_or("float16", String::as_str);
     let narrow_kind = kv_cache_kind(narrow, Kind::Float).expect("kv cache dtype");
     tch::set_num_threads(2);
-    let tokenizer =
-        tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).expect("tokenizer");
-    let ids = tokenizer
-        .encode(text.as_str(), true)
-        .expect("encode")
-        .get_ids()
-        .to_vec();
+    let ids = eval_text::token_ids(&dir, args.get(2));
     let model = Llama::load(
         &dir,
         LoadOptions {

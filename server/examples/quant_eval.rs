@@ -11,6 +11,8 @@
 //! agrees, the largest logit difference, and the weight memory of each.
 //! Without a text file a built-in English paragraph is used.
 
+mod eval_text;
+
 use std::path::PathBuf;
 
 use tch::{Device, Kind};
@@ -18,31 +20,12 @@ use torchwire_server::engine::kv_cache::KvCache;
 use torchwire_server::model::quality::LogitComparison;
 use torchwire_server::model::{Llama, LoadOptions, Quantization};
 
-const TEXT: &str = "The old lighthouse keeper climbed the winding stairs every evening to light \
-the lamp. Ships passing in the night relied on its steady beam to find their way around the \
-rocky coast. You will meet a stranger who changes your life. A journey of a thousand miles \
-begins with a single step. Fortune favors the bold, but patience is a virtue too. Never put \
-off until tomorrow what you can do today. The best way to predict the future is to invent it. \
-He who laughs last laughs best, and she who reads the fine print laughs longest. Your hard \
-work will soon pay off, so keep going even when the road is long and the night is dark.";
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let dir = PathBuf::from(args.get(1).map_or("models/torchwire-tiny", String::as_str));
-    let text = args
-        .get(2)
-        .filter(|a| !a.is_empty())
-        .map(|f| std::fs::read_to_string(f).expect("read the text file"))
-        .unwrap_or_else(|| TEXT.to_string());
     let threads: i32 = args.get(3).map_or(2, |t| t.parse().expect("threads"));
     tch::set_num_threads(threads);
-    let tokenizer =
-        tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).expect("tokenizer");
-    let ids = tokenizer
-        .encode(text.as_str(), true)
-        .expect("encode")
-        .get_ids()
-        .to_vec();
+    let ids = eval_text::token_ids(&dir, args.get(2));
     let load = |quantization| {
         Llama::load(
             &dir,

@@ -47,7 +47,6 @@ impl KvCache {
         compute: Kind,
         storage: Kind,
     ) -> Result<Self, TchError> {
-        let kind = storage;
         let shape = [
             max_batch as i64,
             kv_heads as i64,
@@ -57,8 +56,8 @@ impl KvCache {
         let mut keys = Vec::with_capacity(layers);
         let mut values = Vec::with_capacity(layers);
         for _ in 0..layers {
-            keys.push(Tensor::f_zeros(shape, (kind, device))?);
-            values.push(Tensor::f_zeros(shape, (kind, device))?);
+            keys.push(Tensor::f_zeros(shape, (storage, device))?);
+            values.push(Tensor::f_zeros(shape, (storage, device))?);
         }
         Ok(Self {
             keys,
@@ -102,7 +101,7 @@ impl KvCache {
             .keys
             .iter()
             .chain(&self.values)
-            .all(|t| t.device() == Device::Cpu && t.kind() == E::KIND && t.is_contiguous());
+            .all(|t| crate::model::is_cpu_of(t, E::KIND));
         if !all_e {
             return None;
         }
@@ -152,18 +151,21 @@ impl KvCache {
         slot: usize,
         len: i64,
     ) -> Result<(Tensor, Tensor), TchError> {
-        Ok((
-            self.widened(
-                self.keys[layer]
-                    .f_narrow(0, slot as i64, 1)?
-                    .f_narrow(2, 0, len)?,
-            )?,
-            self.widened(
-                self.values[layer]
-                    .f_narrow(0, slot as i64, 1)?
-                    .f_narrow(2, 0, len)?,
-            )?,
-        ))
+        self.slots(layer, slot as i64, 1, len)
+    }
+
+    /// Keys and values of slots `first..first + count`, positions `0..len`,
+    /// in the model's dtype.
+    fn slots(
+        &self,
+        layer: usize,
+        first: i64,
+        count: i64,
+        len: i64,
+    ) -> Result<(Tensor, Tensor), TchError> {
+        let part =
+            |cache: &Tensor| self.widened(cache.f_narrow(0, first, count)?.f_narrow(2, 0, len)?);
+        Ok((part(&self.keys[layer])?, part(&self.values[layer])?))
     }
 
     /// A view of the cache in the model's dtype: itself, or a widened copy
@@ -218,18 +220,7 @@ impl KvCache {
     /// Keys and values of slots `0..batch`, positions `0..len`, as views
     /// (widened copies where the cache is stored narrower than the model).
     pub fn view(&self, layer: usize, batch: i64, len: i64) -> Result<(Tensor, Tensor), TchError> {
-        Ok((
-            self.widened(
-                self.keys[layer]
-                    .f_narrow(0, 0, batch)?
-                    .f_narrow(2, 0, len)?,
-            )?,
-            self.widened(
-                self.values[layer]
-                    .f_narrow(0, 0, batch)?
-                    .f_narrow(2, 0, len)?,
-            )?,
-        ))
+        self.slots(layer, 0, batch, len)
     }
 
     /// Copies the first `len` positions of slot `from` into slot `to`.

@@ -29,7 +29,13 @@ use tch::{Device, Kind};
 /// Whether `t` is a contiguous float32 CPU tensor, whose elements are one
 /// plain slice (what the CPU decode step and the fused CPU ops read).
 pub(crate) fn is_cpu_f32(t: &tch::Tensor) -> bool {
-    t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous()
+    is_cpu_of(t, Kind::Float)
+}
+
+/// Whether `t` is a contiguous CPU tensor of `kind`, whose elements are one
+/// plain slice of that dtype's Rust type.
+pub(crate) fn is_cpu_of(t: &tch::Tensor, kind: Kind) -> bool {
+    t.device() == Device::Cpu && t.kind() == kind && t.is_contiguous()
 }
 
 /// A contiguous float32 CPU tensor's elements, where it is one.
