@@ -6,6 +6,8 @@ benchmarks that need a model of a given shape but not a trained one.
     python scripts/make_random_checkpoint.py --preset agent-100m --out /tmp/agent-100m-random
     python scripts/make_random_checkpoint.py --preset smollm-135m --out /tmp/smollm-135m-random
     python scripts/make_random_checkpoint.py --preset vocab-128k --out /tmp/vocab-128k-random
+    # any other Llama shape: a preset with fields overridden
+    python scripts/make_random_checkpoint.py --preset agent-100m --hidden 1024 --heads 8 --kv-heads 2 --out /tmp/hd128
 
 Writes, in the Hugging Face layout that both transformers and torchwire-server
 load: config.json, generation_config.json, model.safetensors (save_pretrained),
@@ -130,14 +132,24 @@ def build_tokenizer(vocab_size):
     return tok, bos_id, eos_id
 
 
+SHAPE_KEYS = ("hidden", "layers", "heads", "kv_heads", "intermediate", "vocab", "context", "rope_theta", "dtype")
+
+
 def main():
     p = argparse.ArgumentParser(description="random-weight Llama checkpoint with a matching tokenizer")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to initialize")
     p.add_argument("--seed", type=int, default=0)
+    for key in SHAPE_KEYS:
+        p.add_argument(f"--{key.replace('_', '-')}", type=type(PRESETS["tiny"][key]), dest=key,
+                       help=f"override the preset's {key}")
     args = p.parse_args()
-    shape = PRESETS[args.preset]
+    shape = dict(PRESETS[args.preset])
+    shape.update({k: getattr(args, k) for k in SHAPE_KEYS if getattr(args, k) is not None})
+    if shape["hidden"] % shape["heads"] or shape["heads"] % shape["kv_heads"]:
+        p.error(f"hidden ({shape['hidden']}) must divide by heads ({shape['heads']}), "
+                f"and heads by kv_heads ({shape['kv_heads']})")
     t0 = time.time()
 
     tok, bos_id, eos_id = build_tokenizer(shape["vocab"])
@@ -180,8 +192,7 @@ def main():
                 "out": args.out,
                 "preset": args.preset,
                 "parameters": params,
-                "dtype": shape["dtype"],
-                "vocab": shape["vocab"],
+                "shape": shape,
                 "seconds": round(time.time() - t0, 1),
             }
         )

@@ -198,6 +198,11 @@ mod avx2 {
         /// Input indices ahead that a one-row product asks for (none: the
         /// hardware prefetcher alone).
         const AHEAD: usize;
+        /// Whether a panel's first tile asks for the next panel. Paid for
+        /// float32 (a 16-row step 5-10 % faster, BENCHMARKS.md); int8 at
+        /// 16 rows is bound by widening, not by its quarter of the bytes,
+        /// and gained nothing.
+        const PREFETCH_NEXT: bool;
         /// The 16 elements at `w` as two vectors of 8 floats.
         unsafe fn row(w: *const Self) -> [__m256; 2];
     }
@@ -205,6 +210,7 @@ mod avx2 {
     impl Load for f32 {
         // Reached the read ceiling without (BENCHMARKS.md).
         const AHEAD: usize = 0;
+        const PREFETCH_NEXT: bool = true;
         #[inline(always)]
         unsafe fn row(w: *const f32) -> [__m256; 2] {
             [_mm256_loadu_ps(w), _mm256_loadu_ps(w.add(8))]
@@ -215,6 +221,7 @@ mod avx2 {
         // Four cache lines ahead: a 1-row int8 product is otherwise
         // 5-10 % slower than the row kernel it replaced, which prefetched.
         const AHEAD: usize = 64;
+        const PREFETCH_NEXT: bool = false;
         #[inline(always)]
         unsafe fn row(w: *const i8) -> [__m256; 2] {
             let v = _mm_loadu_si128(w as *const __m128i);
@@ -239,20 +246,31 @@ mod avx2 {
         for p in range {
             let panel = w.panels.as_ptr().add(p * k * PANEL);
             let scales = channel_scales(job, w.scales, p);
+            // Where a panel takes more than one tile, the first tile asks
+            // for the next panel as it goes: memory streams that in while the
+            // other tiles reuse this one from cache, instead of the next
+            // first tile waiting on it (a prefetch never faults, even past
+            // the end). With one tile, its own reads are the stream.
+            let mut ahead = if L::PREFETCH_NEXT && rows.len() > 6 {
+                panel.wrapping_add(k * PANEL)
+            } else {
+                std::ptr::null()
+            };
             let mut m = rows.start;
             while m < rows.end {
                 let left = rows.end - m;
                 m += if left >= 6 {
-                    tile::<L, 6>(job, panel, m, p, scales)
+                    tile::<L, 6>(job, panel, m, p, scales, ahead)
                 } else if left >= 4 {
-                    tile::<L, 4>(job, panel, m, p, scales)
+                    tile::<L, 4>(job, panel, m, p, scales, ahead)
                 } else if left >= 2 {
-                    tile::<L, 2>(job, panel, m, p, scales)
+                    tile::<L, 2>(job, panel, m, p, scales, ahead)
                 } else {
                     let [lo, hi] = single::<L>(job, panel, m);
                     store(job, m, p, lo, hi, scales);
                     1
                 };
+                ahead = std::ptr::null();
             }
         }
     }
@@ -274,7 +292,8 @@ mod avx2 {
 
     /// `MR` rows of `x` from row `m` against panel `p` (at `panel`), stored:
     /// `2 * MR` accumulators of 8 channels, each weight load used `MR`
-    /// times. Returns `MR`.
+    /// times; asking for the float32 panel at `ahead` a cache line (one
+    /// panel row) an input index as it goes, unless it is null. Returns `MR`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile<L: Load, const MR: usize>(
@@ -283,11 +302,15 @@ mod avx2 {
         m: usize,
         p: usize,
         scales: Option<[__m256; 2]>,
+        ahead: *const L,
     ) -> usize {
         let k = job.k;
         let x = job.x.as_ptr().add(m * k);
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         for i in 0..k {
+            if !ahead.is_null() {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(i * PANEL) as *const i8);
+            }
             let [w0, w1] = L::row(panel.add(i * PANEL));
             for (r, acc) in acc.iter_mut().enumerate() {
                 let xb = _mm256_broadcast_ss(&*x.add(r * k + i));
