@@ -147,6 +147,13 @@ def main():
     args = p.parse_args()
     shape = dict(PRESETS[args.preset])
     shape.update({k: getattr(args, k) for k in SHAPE_KEYS if getattr(args, k) is not None})
+    for key in SHAPE_KEYS:
+        if key != "dtype" and shape[key] <= 0:
+            p.error(f"--{key.replace('_', '-')} must be positive, got {shape[key]}")
+    if shape["vocab"] < 258:
+        p.error(f"--vocab must hold the 256 byte tokens and 2 special ones (at least 258), got {shape['vocab']}")
+    if shape["dtype"] not in ("float32", "float16", "bfloat16"):
+        p.error(f"--dtype must be float32, float16 or bfloat16, got {shape['dtype']!r}")
     if shape["hidden"] % shape["heads"] or shape["heads"] % shape["kv_heads"]:
         p.error(f"hidden ({shape['hidden']}) must divide by heads ({shape['heads']}), "
                 f"and heads by kv_heads ({shape['kv_heads']})")
