@@ -7,9 +7,11 @@
 //! cargo run --release -p torchwire-server --example int8_bench -- 2 200
 //! ```
 //!
-//! Arguments: torch threads (2), calls per trial (200). Trials of the ways
-//! alternate; the median per call is printed with the weight bytes it read
-//! per second.
+//! Arguments: torch threads (2), calls per trial (200), then optionally the
+//! shapes as `INxOUT` separated by commas (the SmolLM-135M ones) and the
+//! row counts (1,16,256). Trials of the ways alternate; the median per call
+//! is printed with the weight bytes it read per second, and for float32
+//! panels the multiply-adds per second as well (GFLOP/s, two flops each).
 
 use std::time::Instant;
 
@@ -24,13 +26,21 @@ fn main() {
     let _guard = tch::no_grad_guard();
     println!("{threads} threads, {calls} calls a trial, median of 5 trials");
     println!("in x out, rows: MKL f32 ms (GB/s) | f32 panels ms (GB/s) | int8 ms (GB/s)");
-    for (inner, out) in [
-        (576, 960),
-        (576, 576),
-        (576, 3072),
-        (1536, 576),
-        (576, 49152),
-    ] {
+    let shapes: Vec<(i64, i64)> = args.get(3).map_or(
+        vec![(576, 960), (576, 576), (576, 3072), (1536, 576), (576, 49152)],
+        |s| {
+            s.split(',')
+                .map(|shape| {
+                    let (i, o) = shape.split_once('x').expect("shape INxOUT");
+                    (i.parse().expect("IN"), o.parse().expect("OUT"))
+                })
+                .collect()
+        },
+    );
+    let row_counts: Vec<i64> = args.get(4).map_or(vec![1, 16, 256], |s| {
+        s.split(',').map(|r| r.parse().expect("rows")).collect()
+    });
+    for (inner, out) in shapes {
         let w = Tensor::randn([out, inner], (Kind::Float, Device::Cpu));
         let in_out = w.tr().contiguous();
         let rows = Projection::new(&w).unwrap();
@@ -40,7 +50,7 @@ fn main() {
             [&|x| x.mm(&in_out), &|x| rows.mm(x).unwrap(), &|x| {
                 int8.mm(x).unwrap()
             }];
-        for rows in [1, 16, 256] {
+        for &rows in &row_counts {
             let x = Tensor::randn([rows, inner], (Kind::Float, Device::Cpu));
             let mut times = vec![Vec::new(); 3];
             for _trial in 0..5 {
@@ -62,7 +72,12 @@ fn main() {
                     format!("{:.3} ({:.1})", s * 1e3, bytes as f64 / s / 1e9)
                 })
                 .collect();
-            println!("{inner} x {out}, {rows}: {}", line.join(" | "));
+            let flops = 2.0 * (inner * out * rows) as f64 / times[1][2];
+            println!(
+                "{inner} x {out}, {rows}: {} | panels {:.1} GFLOP/s",
+                line.join(" | "),
+                flops / 1e9
+            );
         }
     }
 }
