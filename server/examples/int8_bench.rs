@@ -27,7 +27,13 @@ fn main() {
     println!("{threads} threads, {calls} calls a trial, median of 5 trials");
     println!("in x out, rows: MKL f32 ms (GB/s) | f32 panels ms (GB/s) | int8 ms (GB/s)");
     let shapes: Vec<(i64, i64)> = args.get(3).map_or(
-        vec![(576, 960), (576, 576), (576, 3072), (1536, 576), (576, 49152)],
+        vec![
+            (576, 960),
+            (576, 576),
+            (576, 3072),
+            (1536, 576),
+            (576, 49152),
+        ],
         |s| {
             s.split(',')
                 .map(|shape| {
