@@ -91,8 +91,11 @@ def resolve_model(spec):
     """(name, checkpoint dir) for 'tiny', a make_random_checkpoint preset, or a directory."""
     if spec == "tiny":
         return "torchwire-tiny", os.path.join(REPO, "models", "torchwire-tiny")
-    if os.path.isdir(spec):
-        return os.path.basename(os.path.normpath(spec)), os.path.abspath(spec)
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        return os.path.basename(os.path.normpath(path)), os.path.abspath(path)
+    if os.sep in spec or spec.startswith((".", "~")):
+        raise SystemExit(f"--model {spec}: no such checkpoint directory")
     out = os.path.join(cache_root(), "checkpoints", f"{spec}-random")
     if not os.path.exists(os.path.join(out, "model.safetensors")):
         log(f"creating the random-weight checkpoint {spec} in {out}")
