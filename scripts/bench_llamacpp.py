@@ -248,9 +248,9 @@ class Torchwire:
         r = json.loads(self.run_json("tokenize", text, "--json"))
         return [int(i) for i in r.get("tokenIds", r.get("token_ids", []))]
 
-    def generate(self, text, n, logprobs=0):
-        """Greedy ids for n tokens, and with logprobs > 0 each token's logprob entry
-        (the chosen token's logprob and its top alternatives)."""
+    def generate(self, text, n, logprobs):
+        """Greedy ids for n tokens, and each token's logprob entry (the chosen token's
+        logprob and its `logprobs` top alternatives)."""
         ids, entries = [], []
         for line in self.run_json("generate", text, "--max-new-tokens", str(n), "--temperature", "0",
                                   "--ignore-eos", "--json", "--quiet", "--logprobs", str(logprobs)).splitlines():
@@ -258,7 +258,7 @@ class Torchwire:
                 m = json.loads(line)
                 ids += [int(i) for i in m.get("tokenIds", m.get("token_ids", []))]
                 entries += m.get("logprobs", [])
-        return (ids, entries) if logprobs else ids
+        return ids, entries
 
     def bench(self, trial, rounds, warmup):
         a = self.args
@@ -389,10 +389,11 @@ def bench_model(args, spec, src, llama_bin, stamp):
             base = Torchwire(args, model_dir, args.out, stamp, name, args.baseline_bin_dir, "baseline")
         llama = LlamaServer(llama_bin, gguf, args, os.path.join(args.out, f"llamacpp-{stamp}-{name}-llama.log"))
         parity = check_parity(tw, llama, args.output_tokens, eos_ids(model_dir))
+        result = {"model": name, "checkpoint": model_dir, "gguf": gguf, "parity": parity,
+                  "llama_server": {"cmd": llama.cmd[1:], "props_build": (llama.props or {}).get("build_info")},
+                  "trials": [], "rows": []}
         if args.parity_only:
-            return {"model": name, "checkpoint": model_dir, "gguf": gguf, "parity": parity,
-                    "llama_server": {"cmd": llama.cmd[1:], "props_build": (llama.props or {}).get("build_info")},
-                    "trials": [], "rows": []}
+            return result
         ids = prompt_of(tw.tokenize(TEXT), args.prompt_tokens)
         log(f"{name}: warm-up")
         tw.bench("warmup", rounds=1, warmup=2)
@@ -437,9 +438,7 @@ def bench_model(args, spec, src, llama_bin, stamp):
             b = summarize(trials, "baseline", c)
             rows[-1].update({"baseline": b, "speedup": t["output_tokens_per_s"] / b["output_tokens_per_s"],
                              "median_speedup": t["median_output_tokens_per_s"] / b["median_output_tokens_per_s"]})
-    return {"model": name, "checkpoint": model_dir, "gguf": gguf, "parity": parity,
-            "llama_server": {"cmd": llama.cmd[1:], "props_build": (llama.props or {}).get("build_info")},
-            "trials": trials, "rows": rows}
+    return {**result, "trials": trials, "rows": rows}
 
 
 def table(results):

@@ -129,25 +129,53 @@ async fn publish(
         .unwrap();
 }
 
-async fn consumer_counts(js: &jetstream::Context, cfg: &NatsConfig) -> (u64, usize) {
+async fn consumer_info(js: &jetstream::Context, cfg: &NatsConfig) -> jetstream::consumer::Info {
     let stream = js.get_stream(&cfg.stream).await.unwrap();
-    let info = stream.consumer_info(&cfg.consumer).await.unwrap();
+    stream.consumer_info(&cfg.consumer).await.unwrap()
+}
+
+async fn consumer_counts(js: &jetstream::Context, cfg: &NatsConfig) -> (u64, usize) {
+    let info = consumer_info(js, cfg).await;
     (info.num_pending, info.num_ack_pending)
 }
 
-async fn wait_counts(js: &jetstream::Context, cfg: &NatsConfig, want: (u64, usize)) {
+/// Waits until the consumer's info satisfies `done`; `describe` says what
+/// it was instead if it never does.
+async fn wait_consumer(
+    js: &jetstream::Context,
+    cfg: &NatsConfig,
+    done: impl Fn(&jetstream::consumer::Info) -> bool,
+    describe: impl Fn(&jetstream::consumer::Info) -> String,
+) {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let got = consumer_counts(js, cfg).await;
-        if got == want {
+        let info = consumer_info(js, cfg).await;
+        if done(&info) {
             return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "consumer (pending, ack pending) = {got:?}, want {want:?}"
+            "{}",
+            describe(&info)
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+async fn wait_counts(js: &jetstream::Context, cfg: &NatsConfig, want: (u64, usize)) {
+    let counts = |info: &jetstream::consumer::Info| (info.num_pending, info.num_ack_pending);
+    wait_consumer(
+        js,
+        cfg,
+        |info| counts(info) == want,
+        |info| {
+            format!(
+                "consumer (pending, ack pending) = {:?}, want {want:?}",
+                counts(info)
+            )
+        },
+    )
+    .await;
 }
 
 /// The queue as an operator would set it up before any server runs.
@@ -655,21 +683,13 @@ async fn the_last_delivery_answers_with_the_error_and_a_model_is_left_for_its_re
             })
         })
         .await;
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let stream = js.get_stream(&cfg.stream).await.unwrap();
-        let info = stream.consumer_info(&cfg.consumer).await.unwrap();
-        if info.num_redelivered > n {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "B gave back {} of {} requests",
-            info.num_redelivered,
-            n + 1
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_consumer(
+        &js,
+        &cfg,
+        |info| info.num_redelivered > n,
+        |info| format!("B gave back {} of {} requests", info.num_redelivered, n + 1),
+    )
+    .await;
     b.signal(libc::SIGTERM);
     assert!(b.wait_exit(WAIT).unwrap().success());
     assert!(
