@@ -78,20 +78,29 @@ pub(super) unsafe fn block<L: Element>(
         };
         let mut m = rows.start;
         while m < rows.end {
-            let left = rows.end - m;
-            m += if left >= 6 {
-                tile::<L, 6>(job, panel, m, p, scales, ahead)
-            } else if left >= 4 {
-                tile::<L, 4>(job, panel, m, p, scales, ahead)
-            } else if left >= 2 {
-                tile::<L, 2>(job, panel, m, p, scales, ahead)
-            } else {
-                let [lo, hi] = single::<L>(job, panel, m);
-                store(job, m, p, lo, hi, scales);
-                1
+            m += match tile_rows(rows.end - m) {
+                6 => tile::<L, 6>(job, panel, m, p, scales, ahead),
+                4 => tile::<L, 4>(job, panel, m, p, scales, ahead),
+                2 => tile::<L, 2>(job, panel, m, p, scales, ahead),
+                _ => {
+                    let [lo, hi] = single::<L>(job, panel, m);
+                    store(job, m, p, lo, hi, scales);
+                    1
+                }
             };
             ahead = std::ptr::null();
         }
+    }
+}
+
+/// Rows of the tile that comes next where `left` rows remain: six while
+/// there are six, then four, two, one.
+fn tile_rows(left: usize) -> usize {
+    match left {
+        6.. => 6,
+        4 | 5 => 4,
+        2 | 3 => 2,
+        _ => 1,
     }
 }
 

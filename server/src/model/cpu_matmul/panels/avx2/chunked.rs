@@ -21,20 +21,10 @@ use std::arch::x86_64::*;
 use std::ops::Range;
 
 use super::super::{Element, Job, Packed, CHUNKED_ROWS, PANEL};
-use super::{channel_scales, store, Load};
+use super::{channel_scales, store, tile_rows, Load};
 
 /// Input indices a chunk covers.
 const CHUNK: usize = 128;
-
-/// Rows of the tile that comes next where `left` rows remain.
-fn tile_rows(left: usize) -> usize {
-    match left {
-        6.. => 6,
-        4 | 5 => 4,
-        2 | 3 => 2,
-        _ => 1,
-    }
-}
 
 /// All `job.m` rows (at most [`CHUNKED_ROWS`]) against panels `range`.
 ///
